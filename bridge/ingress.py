@@ -1,0 +1,282 @@
+"""The HTTP surface Simotel talks to (CONTRACT §2): event webhooks in G and Rest mode, dialplan
+components, and the health, readiness and metrics endpoints.
+
+The app is thin: it checks the caller (source, address, credentials, size), reads the payload
+with `translate`, and hands the result to its collaborators: a sink that makes an event durable
+(broker confirm, or the local spool) and a component handler that answers a live call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import time
+from base64 import b64decode
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from bridge import translate
+from bridge.config import Settings, SourceSettings
+from bridge.errors import PublishError, WebhookError
+from bridge.metrics import Metrics, event_label
+from bridge.translate import OutgoingEvent
+
+log = structlog.get_logger("bridge.ingress")
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class EventSink(Protocol):
+    """Makes an accepted event durable; returns where it went ("broker" or "spool"). Raises
+    PublishError when neither the broker nor the spool can take it."""
+
+    async def accept(self, event: OutgoingEvent) -> str: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
+class ComponentHandler(Protocol):
+    async def handle(
+        self, source: str, component: str, fields: dict[str, Any]
+    ) -> dict[str, Any]: ...
+
+
+def _digest(value: bytes) -> bytes:
+    return hashlib.sha256(value).digest()
+
+
+@dataclass(frozen=True)
+class _Gate:
+    """Who may call one source's webhooks."""
+
+    user_digest: bytes | None
+    pass_digest: bytes | None
+    networks: tuple[IpNetwork, ...]
+
+    @classmethod
+    def of(cls, source: SourceSettings) -> _Gate:
+        hook = source.webhook
+        user = pw = None
+        if hook.username and hook.password is not None:
+            user = _digest(hook.username.encode())
+            pw = _digest(hook.password.get_secret_value().encode())
+        nets = tuple(ipaddress.ip_network(c, strict=False) for c in hook.allowed_ips)
+        return cls(user, pw, nets)
+
+    def address_allowed(self, address: str | None) -> bool:
+        if not self.networks:
+            return True
+        if address is None:
+            return False
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.networks)
+
+    def credentials_ok(self, authorization: str | None) -> bool:
+        """HTTP Basic, compared in constant time: both digests are always compared, and the
+        comparison time does not depend on where the strings differ."""
+        if self.user_digest is None or self.pass_digest is None:
+            return True
+        user, pw = b"", b""
+        if authorization and authorization[:6].lower() == "basic ":
+            try:
+                decoded = b64decode(authorization[6:].strip(), validate=True)
+            except ValueError:
+                decoded = b""
+            user, _, pw = decoded.partition(b":")
+        ok_user = hmac.compare_digest(_digest(user), self.user_digest)
+        ok_pass = hmac.compare_digest(_digest(pw), self.pass_digest)
+        return ok_user & ok_pass
+
+
+def client_address(request: Request, proxies: tuple[IpNetwork, ...]) -> str | None:
+    """The socket peer, unless it is a trusted proxy: then the nearest address in
+    X-Forwarded-For that is not itself a trusted proxy."""
+    peer = request.client.host if request.client else None
+    if peer is None or not proxies:
+        return peer
+    if not _in(peer, proxies):
+        return peer
+    forwarded = request.headers.get("x-forwarded-for")
+    if not forwarded:
+        return peer
+    for hop in reversed([h.strip() for h in forwarded.split(",") if h.strip()]):
+        if not _in(hop, proxies):
+            return hop
+    return peer
+
+
+def _in(address: str, nets: tuple[IpNetwork, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in n for n in nets)
+
+
+def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status, headers=headers, media_type="application/json")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise WebhookError(413, "too_large", f"the body is over {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise WebhookError(413, "too_large", f"the body is over {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    sink: EventSink,
+    metrics: Metrics,
+    components: ComponentHandler | None = None,
+    broker_ready: Callable[[], bool] = lambda: True,
+    lifespan: Any = None,
+) -> Starlette:
+    """The ingress app. It owns no connection: the caller's lifespan does."""
+    gates = {name: _Gate.of(src) for name, src in settings.sources.items()}
+    proxies = tuple(ipaddress.ip_network(c, strict=False) for c in settings.http.trusted_proxies)
+    limit = settings.http.max_body_bytes
+    exchange = settings.amqp.exchanges.events
+
+    async def admit(request: Request) -> tuple[str, translate.Payload]:
+        """Source, address, credentials, size, payload: in that order; raises WebhookError."""
+        source = request.path_params["source"]
+        gate = gates.get(source)
+        if gate is None:
+            raise WebhookError(404, "unknown_source", f"no source named {source!r}")
+        if not gate.address_allowed(client_address(request, proxies)):
+            raise WebhookError(403, "address_not_allowed", "this address may not call this source")
+        if not gate.credentials_ok(request.headers.get("authorization")):
+            raise WebhookError(401, "unauthorized", "wrong or missing credentials")
+        body = await _read_body(request, limit)
+        payload = translate.parse_payload(
+            request.headers.get("content-type", ""), body, request.url.query
+        )
+        return source, payload
+
+    def refuse(exc: WebhookError) -> Response:
+        metrics.rejected.labels(exc.reason).inc()
+        headers = (
+            {"WWW-Authenticate": 'Basic realm="simotel-bridge"'} if exc.status == 401 else None
+        )
+        return _json(exc.status, {"error": exc.reason, "detail": exc.detail}, headers)
+
+    async def event_webhook(request: Request) -> Response:
+        started = time.perf_counter()
+        fields: dict[str, Any] = {
+            "source": request.path_params["source"],
+            "path_event": request.path_params.get("event"),
+        }
+        outcome, status = "error", 500
+        try:
+            source, payload = await admit(request)
+            name = translate.event_name(payload.fields, request.path_params.get("event"))
+            event = translate.build_event(exchange, source, name, payload)
+            fields.update(
+                event_name=name,
+                message_id=event.message_id,
+                call_id=event.call_id,
+                form=payload.form,
+            )
+            try:
+                outcome = await sink.accept(event)
+            except PublishError as exc:
+                metrics.rejected.labels("unavailable").inc()
+                outcome, status = "unavailable", 503
+                fields["error"] = str(exc)
+                return _json(503, {"error": "unavailable", "detail": "the event cannot be stored"})
+            metrics.accepted.labels(source, event_label(name), outcome).inc()
+            status = 200
+            return _json(200, {"status": "accepted", "message_id": event.message_id})
+        except WebhookError as exc:
+            outcome, status = exc.reason, exc.status
+            return refuse(exc)
+        finally:
+            elapsed = time.perf_counter() - started
+            if status == 200:
+                metrics.request_latency.observe(elapsed)
+            log.info(
+                "webhook",
+                outcome=outcome,
+                status=status,
+                duration_ms=round(elapsed * 1000, 2),
+                **fields,
+            )
+
+    async def component_webhook(request: Request) -> Response:
+        started = time.perf_counter()
+        fields: dict[str, Any] = {"source": request.path_params["source"]}
+        status = 500
+        try:
+            component = translate.canonical_component(request.path_params["component"])
+            if component is None:
+                raise WebhookError(404, "unknown_component", "no such component")
+            fields["component"] = component
+            source, payload = await admit(request)
+            if components is None:
+                raise WebhookError(404, "components_disabled", "components are not served here")
+            fields["app_name"] = payload.fields.get("app_name")
+            fields["call_id"] = translate.call_id(payload.fields)
+            answer = await components.handle(source, component, payload.fields)
+            status = 200
+            return _json(200, answer)
+        except WebhookError as exc:
+            status = exc.status
+            fields["outcome"] = exc.reason
+            return refuse(exc)
+        finally:
+            log.info(
+                "component",
+                status=status,
+                duration_ms=round((time.perf_counter() - started) * 1000, 2),
+                **fields,
+            )
+
+    async def healthz(request: Request) -> Response:
+        return _json(200, {"status": "alive"})
+
+    async def readyz(request: Request) -> Response:
+        ready = broker_ready()
+        metrics.broker_up.set(1 if ready else 0)
+        body: dict[str, Any] = {"broker": "connected" if ready else "disconnected"}
+        body.update(sink.status())
+        ok = ready or body.get("mode") == "spool"
+        body["status"] = "ready" if ok else "not_ready"
+        return _json(200 if ok else 503, body)
+
+    async def metrics_endpoint(request: Request) -> Response:
+        metrics.broker_up.set(1 if broker_ready() else 0)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    methods = ["GET", "POST"]
+    routes = [
+        Route("/webhooks/{source}/events", event_webhook, methods=methods),
+        Route("/webhooks/{source}/events/", event_webhook, methods=methods),
+        Route("/webhooks/{source}/events/{event}", event_webhook, methods=methods),
+        Route("/webhooks/{source}/components/{component}", component_webhook, methods=methods),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)

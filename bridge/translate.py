@@ -1,0 +1,210 @@
+"""Turning a webhook into a publish: pure functions over plain values, no I/O.
+
+Simotel delivers the same event in four forms (webhooks.md §2.2): a JSON body (G4/Rest4 POST), a
+query string (GET), a form body (v2/v3 POST) or a query string on a POST with an empty body.
+`parse_payload` reads all of them into one dict; `event_name` finds the name where each Simotel
+version puts it; `build_event` fixes the routing key, properties and headers of CONTRACT §4.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qsl
+
+import aio_pika
+import orjson
+
+from bridge.amqp import json_message
+from bridge.errors import WebhookError
+from bridge.topology import event_key, sanitise
+
+# Every event name Simotel documents (webhooks.md §3), in the catalog's spelling. Names are
+# matched case-insensitively (`CDR`, `cdr` -> `Cdr`); unknown names pass through, sanitised.
+KNOWN_EVENTS: tuple[str, ...] = (
+    "NewState",
+    "IncomingCall",
+    "OutgoingCall",
+    "Transfer",
+    "Cdr",
+    "CdrQueue",
+    "ExtenAdded",
+    "ExtenRemoved",
+    "IncomingFax",
+    "OutgoingFax",
+    "VoiceMail",
+    "VoiceMailEmail",
+    "Survey",
+    "TrunkNewState",
+    "TrunkAdded",
+    "TrunkRemoved",
+    "AutoDialerReport",
+    "ReservedCallInFront",
+    "Ping",
+)
+_BY_LOWER = {name.lower(): name for name in KNOWN_EVENTS}
+
+COMPONENTS: tuple[str, ...] = ("SmartApi", "ExtenApi", "TrunkApi", "IvrApi")
+_COMPONENTS_BY_LOWER = {name.lower(): name for name in COMPONENTS}
+
+# Keys that carry the event name, in order of preference (Survey sends `event`).
+_NAME_KEYS = ("event_name", "event")
+# Keys that carry the call id: the examples say `unique_id`, the current tables `cuid`.
+_CALL_ID_KEYS = ("unique_id", "cuid")
+
+
+def canonical_event(name: str) -> str:
+    """`CDR` -> `Cdr`; an unknown name keeps its spelling, restricted to `[A-Za-z0-9_]`."""
+    return _BY_LOWER.get(name.lower()) or sanitise(name)
+
+
+def canonical_component(name: str) -> str | None:
+    return _COMPONENTS_BY_LOWER.get(name.lower())
+
+
+def _pairs_to_dict(pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    """Form/query pairs to a dict of strings; a key sent more than once keeps every value, in
+    order, as a list."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            prev = out[key]
+            if isinstance(prev, list):
+                prev.append(value)
+            else:
+                out[key] = [prev, value]
+        else:
+            out[key] = value
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    """The fields Simotel sent, and how: `form` is json, form or query. For JSON, `raw` is the
+    body exactly as received, so it can be published unchanged."""
+
+    fields: dict[str, Any]
+    form: str
+    raw: bytes | None = None
+
+
+def parse_payload(content_type: str, body: bytes, query_string: str) -> Payload:
+    """Read a webhook's fields from its body (JSON or form) or, when the body is empty, from
+    its query string. Raises WebhookError(400) for anything unreadable or empty."""
+    ctype = content_type.split(";", 1)[0].strip().lower()
+    stripped = body.strip()
+    if stripped:
+        if ctype == "application/x-www-form-urlencoded" or (
+            ctype != "application/json" and not ctype.endswith("+json") and stripped[:1] != b"{"
+        ):
+            try:
+                text = body.decode("utf-8")
+                pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=True)
+            except (UnicodeDecodeError, ValueError) as exc:
+                raise WebhookError(400, "invalid_form", "the form body cannot be read") from exc
+            fields = _pairs_to_dict(pairs)
+            form = "form"
+            raw = None
+        else:
+            try:
+                parsed = orjson.loads(body)
+            except orjson.JSONDecodeError as exc:
+                raise WebhookError(
+                    400, "invalid_json", f"the body is not valid JSON: {exc}"
+                ) from exc
+            if not isinstance(parsed, dict):
+                raise WebhookError(400, "invalid_json", "the JSON body must be an object")
+            fields, form, raw = parsed, "json", body
+    elif query_string:
+        try:
+            pairs = parse_qsl(query_string, keep_blank_values=True, strict_parsing=True)
+        except ValueError as exc:
+            raise WebhookError(400, "invalid_query", "the query string cannot be read") from exc
+        fields, form, raw = _pairs_to_dict(pairs), "query", None
+    else:
+        raise WebhookError(400, "empty_payload", "the request carries no fields")
+    if not fields:
+        raise WebhookError(400, "empty_payload", "the request carries no fields")
+    return Payload(fields=fields, form=form, raw=raw)
+
+
+def event_name(fields: dict[str, Any], path_name: str | None) -> str:
+    """Rest mode: the name in the path. G mode: `event_name`, else `event` (Survey)."""
+    if path_name:
+        return canonical_event(path_name)
+    for key in _NAME_KEYS:
+        value = fields.get(key)
+        if isinstance(value, str) and value.strip():
+            return canonical_event(value.strip())
+    raise WebhookError(
+        400, "no_event_name", "no event name: send event_name, or use /events/{Name}"
+    )
+
+
+def call_id(fields: dict[str, Any]) -> str | None:
+    for key in _CALL_ID_KEYS:
+        value = fields.get(key)
+        if isinstance(value, str | int | float) and not isinstance(value, bool) and str(value):
+            return str(value)
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingEvent:
+    """One accepted event, ready to publish (and, if the broker cannot take it, to spool)."""
+
+    exchange: str
+    routing_key: str
+    body: bytes
+    message_id: str
+    event: str
+    source: str
+    call_id: str | None
+    timestamp: float
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def to_message(self) -> aio_pika.Message:
+        return json_message(
+            self.body,
+            message_id=self.message_id,
+            type=self.event,
+            headers=dict(self.headers),
+            timestamp=self.timestamp,
+        )
+
+
+def build_event(
+    exchange: str,
+    source: str,
+    name: str,
+    payload: Payload,
+    *,
+    now: float | None = None,
+    message_id: str | None = None,
+) -> OutgoingEvent:
+    """The publish for one event webhook: routing key `{source}.{EventName}`, the body as sent,
+    and the properties and headers of CONTRACT §4."""
+    received = time.time() if now is None else now
+    cid = call_id(payload.fields)
+    headers = {
+        "source": source,
+        "event": name,
+        "received_at": datetime.fromtimestamp(received, UTC).isoformat(timespec="microseconds"),
+    }
+    if cid is not None:
+        headers["call_id"] = cid
+    body = payload.raw if payload.raw is not None else orjson.dumps(payload.fields)
+    return OutgoingEvent(
+        exchange=exchange,
+        routing_key=event_key(source, name),
+        body=body,
+        message_id=message_id or str(uuid.uuid4()),
+        event=name,
+        source=source,
+        call_id=cid,
+        timestamp=received,
+        headers=headers,
+    )

@@ -1,0 +1,150 @@
+"""The pure core of the ingress: payload forms, event names, call ids, routing keys, headers."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import orjson
+import pytest
+
+from bridge import translate
+from bridge.errors import WebhookError
+
+
+def test_json_body_is_kept_byte_for_byte() -> None:
+    body = b'{"event_name": "Cdr",  "billsec": 9, "unique_id": "1610778618.378"}'
+    payload = translate.parse_payload("application/json", body, "ignored=1")
+    assert payload.form == "json"
+    assert payload.fields == {"event_name": "Cdr", "billsec": 9, "unique_id": "1610778618.378"}
+    event = translate.build_event("simotel.events", "simotel", "Cdr", payload, now=0.0)
+    assert event.body == body
+
+
+def test_json_without_content_type_is_recognised() -> None:
+    payload = translate.parse_payload("", b' {"event_name": "Ping"}', "")
+    assert payload.form == "json"
+
+
+def test_form_body_values_are_strings_and_repeats_kept() -> None:
+    payload = translate.parse_payload(
+        "application/x-www-form-urlencoded; charset=utf-8",
+        b"event_name=NewState&exten=991&state=&tag=a&tag=b",
+        "",
+    )
+    assert payload.form == "form"
+    assert payload.fields == {
+        "event_name": "NewState",
+        "exten": "991",
+        "state": "",
+        "tag": ["a", "b"],
+    }
+
+
+def test_query_string_used_when_body_empty() -> None:
+    payload = translate.parse_payload("", b"", "event_name=NewState&exten=991&state=Unavailable")
+    assert payload.form == "query"
+    assert payload.fields["exten"] == "991"
+    event = translate.build_event("x", "simotel", "NewState", payload, now=0.0)
+    assert orjson.loads(event.body) == {
+        "event_name": "NewState",
+        "exten": "991",
+        "state": "Unavailable",
+    }
+
+
+@pytest.mark.parametrize(
+    ("ctype", "body", "query", "reason"),
+    [
+        ("application/json", b"{not json", "", "invalid_json"),
+        ("application/json", b"[1, 2]", "", "invalid_json"),
+        ("application/json", b"{}", "", "empty_payload"),
+        ("", b"", "", "empty_payload"),
+        ("", b"   ", "", "empty_payload"),
+        ("application/x-www-form-urlencoded", b"\xff\xfe=1", "", "invalid_form"),
+        ("application/x-www-form-urlencoded", b"novalue", "", "invalid_form"),
+    ],
+)
+def test_unreadable_payloads_are_400(ctype: str, body: bytes, query: str, reason: str) -> None:
+    with pytest.raises(WebhookError) as info:
+        translate.parse_payload(ctype, body, query)
+    assert info.value.status == 400
+    assert info.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    ("fields", "path", "expected"),
+    [
+        ({"event_name": "Cdr"}, None, "Cdr"),
+        ({"event_name": "CDR"}, None, "Cdr"),
+        ({"event_name": "newstate"}, None, "NewState"),
+        ({"event": "Survey"}, None, "Survey"),
+        ({"event_name": "ReservedCallInFront", "event": "ReservedCallInFront"}, None,
+         "ReservedCallInFront"),
+        ({"campaign_id": "x"}, "autodialerreport", "AutoDialerReport"),
+        ({"event_name": "Cdr"}, "cdr", "Cdr"),
+        ({"event_name": "Brand New.Event*#"}, None, "Brand_New_Event__"),
+        ({"event_name": "  Ping "}, None, "Ping"),
+    ],
+)  # fmt: skip
+def test_event_names(fields: dict[str, str], path: str | None, expected: str) -> None:
+    assert translate.event_name(fields, path) == expected
+
+
+@pytest.mark.parametrize("fields", [{"exten": "1"}, {"event_name": ""}, {"event_name": 5}])
+def test_no_event_name_is_400(fields: dict[str, object]) -> None:
+    with pytest.raises(WebhookError) as info:
+        translate.event_name(fields, None)
+    assert (info.value.status, info.value.reason) == (400, "no_event_name")
+
+
+def test_unknown_names_cannot_add_routing_levels_or_wildcards() -> None:
+    name = translate.canonical_event("a.b#c*d e/f")
+    assert name == "a_b_c_d_e_f"
+    assert translate.canonical_event("") == "_"
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"unique_id": "1610778618.378"}, "1610778618.378"),
+        ({"cuid": "1.2"}, "1.2"),
+        ({"unique_id": "1.1", "cuid": "2.2"}, "1.1"),
+        ({"unique_id": "", "cuid": "2.2"}, "2.2"),
+        ({"unique_id": 1610778618.5}, "1610778618.5"),
+        ({"unique_id": None}, None),
+        ({"unique_id": True}, None),
+        ({}, None),
+    ],
+)
+def test_call_id(fields: dict[str, object], expected: str | None) -> None:
+    assert translate.call_id(fields) == expected
+
+
+def test_build_event_properties_and_headers() -> None:
+    payload = translate.Payload(fields={"event_name": "Cdr", "cuid": "9.9"}, form="query")
+    event = translate.build_event("simotel.events", "tehran", "Cdr", payload, now=1700000000.25)
+    assert event.routing_key == "tehran.Cdr"
+    assert event.headers["source"] == "tehran"
+    assert event.headers["event"] == "Cdr"
+    assert event.headers["call_id"] == "9.9"
+    received = datetime.fromisoformat(event.headers["received_at"])
+    assert received.utcoffset() is not None and received.utcoffset().total_seconds() == 0  # type: ignore[union-attr]
+    assert received.timestamp() == 1700000000.25
+    message = event.to_message()
+    assert message.delivery_mode == 2
+    assert message.type == "Cdr"
+    assert message.app_id == "simotel-bridge"
+    assert message.content_type == "application/json"
+    assert message.message_id == event.message_id
+
+
+def test_message_ids_are_unique() -> None:
+    payload = translate.Payload(fields={"event_name": "Ping"}, form="query")
+    ids = {translate.build_event("x", "s", "Ping", payload).message_id for _ in range(1000)}
+    assert len(ids) == 1000
+
+
+def test_components_matched_case_insensitively() -> None:
+    assert translate.canonical_component("smartapi") == "SmartApi"
+    assert translate.canonical_component("EXTENAPI") == "ExtenApi"
+    assert translate.canonical_component("Other") is None
