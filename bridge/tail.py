@@ -1,0 +1,172 @@
+"""`simotel-bridge tail [PATTERN]`: follow what flows on `simotel.events` and `simotel.results`.
+
+Tail binds a queue of its own (server-named, exclusive, auto-delete, length-bounded) to both
+exchanges with the routing-key pattern, so it takes nothing from other consumers and leaves
+nothing behind. On a terminal it prints one readable, coloured line per message; piped, one
+JSON object per line (`exchange`, `routing_key`, properties, `headers`, `body`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+import aio_pika
+import orjson
+from aio_pika.abc import AbstractIncomingMessage
+
+from bridge import topology
+from bridge.config import Settings
+
+_MAX_BACKLOG = 10_000  # a slow terminal drops the oldest messages instead of filling the broker
+_RESET, _DIM, _BOLD = "\x1b[0m", "\x1b[2m", "\x1b[1m"
+_COLOURS = {"event": "\x1b[36m", "ok": "\x1b[32m", "failed": "\x1b[33m", "bad": "\x1b[31m"}
+
+
+def _plain(value: Any) -> Any:
+    """Header and property values as JSON-friendly values."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _body(message: AbstractIncomingMessage) -> tuple[Any, bool]:
+    """(the decoded JSON body, True) or (a description of a non-JSON body, False)."""
+    if (message.content_type or "application/json").startswith("application/json"):
+        try:
+            return orjson.loads(message.body), True
+        except orjson.JSONDecodeError:
+            pass
+    return {"content_type": message.content_type, "size": len(message.body)}, False
+
+
+def render_json(exchange: str, message: AbstractIncomingMessage) -> str:
+    body, _ = _body(message)
+    timestamp = message.timestamp
+    record = {
+        "exchange": exchange,
+        "routing_key": message.routing_key,
+        "type": message.type,
+        "message_id": message.message_id,
+        "correlation_id": message.correlation_id,
+        "timestamp": timestamp.astimezone(UTC).isoformat() if timestamp else None,
+        "headers": _plain(dict(message.headers or {})),
+        "body": body,
+    }
+    return orjson.dumps(record, default=str).decode()
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = value if isinstance(value, str) else orjson.dumps(value, default=str).decode()
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def render_text(exchange: str, message: AbstractIncomingMessage, colour: bool) -> str:
+    """`12:01:02 event  simotel.NewState  exten=101 state=Ringing ...` (results: status first)."""
+
+    def paint(kind: str, text: str) -> str:
+        return f"{_COLOURS.get(kind, _BOLD)}{text}{_RESET}" if colour else text
+
+    when = (message.timestamp or datetime.now(UTC)).astimezone().strftime("%H:%M:%S")
+    body, is_json = _body(message)
+    if exchange.endswith("results") and is_json and isinstance(body, dict):
+        status = str(body.get("status", "?"))
+        kind = "ok" if status == "ok" else "failed" if status == "failed" else "bad"
+        details = [
+            f"http={body.get('http_status')}",
+            f"{body.get('duration_ms')}ms",
+            f"attempts={body.get('attempts')}",
+        ]
+        if body.get("error"):
+            details.append(f"error={_short(body['error'])}")
+        if body.get("response") is not None:
+            details.append(f"response={_short(body['response'], 100)}")
+        head = f"{paint(kind, 'result')} {paint(kind, f'{status:<8}')}"
+    else:
+        head = paint("event", "event ") + " " * 9
+        if isinstance(body, dict) and is_json:
+            details = [f"{k}={_short(v)}" for k, v in body.items() if k not in ("event_name",)]
+        else:
+            details = [_short(body)]
+    stamp = f"{_DIM}{when}{_RESET}" if colour else when
+    key = paint("key", message.routing_key or "")
+    return f"{stamp} {head} {key}  " + " ".join(details)
+
+
+async def tail(
+    settings: Settings,
+    pattern: str = "#",
+    out: TextIO = sys.stdout,
+    stop: asyncio.Event | None = None,
+    limit: int | None = None,
+    *,
+    ready: asyncio.Event | None = None,
+) -> int:
+    """Print messages matching `pattern` until `stop` is set or `limit` messages were printed;
+    returns how many were printed. `ready` is set once the queue is bound (nothing published
+    after that is missed)."""
+    names = settings.amqp.exchanges
+    wanted = (names.events, names.results)
+    is_tty = out.isatty() if hasattr(out, "isatty") else False
+    colour = is_tty and not os.environ.get("NO_COLOR")
+    inbox: asyncio.Queue[tuple[str, AbstractIncomingMessage]] = asyncio.Queue()
+    connection = await aio_pika.connect_robust(
+        settings.amqp.url.get_secret_value(),
+        client_properties={"connection_name": "simotel-bridge tail"},
+    )
+    printed = 0
+    async with connection:
+        channel = await connection.channel()
+        # Only the exchanges tail binds to (and the events' alternate exchange) are declared,
+        # with the same arguments as every role uses.
+        for e in topology.build(settings.amqp).exchanges:
+            if e.name in (*wanted, names.unrouted):
+                await channel.declare_exchange(e.name, e.type, durable=True, arguments=e.arguments)
+        queue = await channel.declare_queue(
+            "",
+            exclusive=True,
+            auto_delete=True,
+            arguments={"x-max-length": _MAX_BACKLOG, "x-overflow": "drop-head"},
+        )
+        for exchange in wanted:
+            await queue.bind(exchange, routing_key=pattern)
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            await inbox.put((message.exchange or "", message))
+
+        await queue.consume(on_message, no_ack=True)
+        if ready is not None:
+            ready.set()
+        stopper = asyncio.ensure_future(stop.wait()) if stop is not None else None
+        getter: asyncio.Future[tuple[str, AbstractIncomingMessage]] | None = None
+        try:
+            while limit is None or printed < limit:
+                getter = asyncio.ensure_future(inbox.get())
+                waiting = {getter} if stopper is None else {getter, stopper}
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    break
+                exchange, message = getter.result()
+                line = (
+                    render_text(exchange, message, colour)
+                    if is_tty
+                    else render_json(exchange, message)
+                )
+                out.write(line + "\n")
+                out.flush()
+                printed += 1
+        finally:
+            for pending in (getter, stopper):
+                if pending is not None:
+                    pending.cancel()
+    return printed
