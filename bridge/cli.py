@@ -54,6 +54,67 @@ def _run(coro: object) -> None:
         asyncio.run(coro)  # type: ignore[arg-type]
 
 
+def cmd_tail(args: argparse.Namespace) -> int:
+    from bridge.tail import tail
+
+    settings = _settings(args)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        _stop_on_signals(stop)
+        await tail(settings, args.pattern, stop=stop, limit=args.limit)
+
+    _run(main())
+    return 0
+
+
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    import signal
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from bridge import logs
+    from bridge.config import LogSettings
+    from bridge.simulator import Faults, SimulatorOptions, run_simulator
+
+    logs.configure(LogSettings(level=args.log_level))
+    options = SimulatorOptions(
+        host=args.host,
+        port=args.port,
+        username=args.username,
+        password=args.password,
+        api_key=args.api_key,
+        auth=args.auth,
+        event_url=None if args.no_webhooks else args.event_url,
+        component_url=args.component_url,
+        webhook_username=args.webhook_user,
+        webhook_password=args.webhook_password,
+        delivery=args.delivery,
+        calls_per_minute=args.rate,
+        time_scale=args.time_scale,
+        components=not args.no_components,
+        seed=args.seed,
+        faults=Faults(
+            latency_ms=args.latency_ms,
+            error_rate=args.error_rate,
+            failure_rate=args.failure_rate,
+            drop_rate=args.drop_rate,
+        ),
+    )
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        _stop_on_signals(stop)
+        await run_simulator(options, stop)
+
+    _run(main())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="simotel-bridge",
@@ -84,6 +145,42 @@ def build_parser() -> argparse.ArgumentParser:
     add("check-config", "validate the configuration, print each problem with its key").set_defaults(
         func=cmd_check_config
     )
+    p = add("tail", "print events and results whose routing key matches PATTERN as they flow")
+    p.add_argument("pattern", nargs="?", default="#", help="routing-key pattern (default: #)")
+    p.add_argument("-n", "--limit", type=int, help="stop after this many messages")
+    p.set_defaults(func=cmd_tail)
+
+    p = sub.add_parser(
+        "simulate",
+        help="a fake Simotel: serves API v4 and sends realistic webhooks",
+        description="A fake Simotel: serves API v4 and sends realistic call webhooks to a bridge.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="API v4 listen address")
+    p.add_argument("--port", type=int, default=8081, help="API v4 port (base path /api/v4/)")
+    p.add_argument("--username", default="apiuser", help="API account user")
+    p.add_argument("--password", default="change-me", help="API account password")
+    p.add_argument("--api-key", default="change-me", help="API account key (X-APIKEY)")
+    p.add_argument("--auth", choices=["basic", "apikey", "both"], default="both")
+    p.add_argument(
+        "--event-url",
+        default="http://127.0.0.1:8080/webhooks/simotel/events",
+        help="where webhooks go (Simotel's API Address)",
+    )
+    p.add_argument("--no-webhooks", action="store_true", help="serve the API only")
+    p.add_argument("--component-url", help="base of component URLs (default: from --event-url)")
+    p.add_argument("--webhook-user", default="simotel")
+    p.add_argument("--webhook-password", default="change-me")
+    p.add_argument("--delivery", choices=["g4", "rest4", "get", "form"], default="g4")
+    p.add_argument("--rate", type=float, default=6.0, help="calls per minute")
+    p.add_argument("--time-scale", type=float, default=1.0, help="0: no waiting inside calls")
+    p.add_argument("--no-components", action="store_true", help="do not call component URLs")
+    p.add_argument("--seed", type=int, help="random seed, for repeatable runs")
+    p.add_argument("--latency-ms", type=int, default=0, help="added to every API answer")
+    p.add_argument("--error-rate", type=float, default=0.0, help="share of API requests -> 5xx")
+    p.add_argument("--failure-rate", type=float, default=0.0, help="share -> success: 0")
+    p.add_argument("--drop-rate", type=float, default=0.0, help="share -> dropped connection")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    p.set_defaults(func=cmd_simulate)
     return parser
 
 
