@@ -1,0 +1,483 @@
+"""The command worker (CONTRACT §3-4): consumes `simotel.commands`, calls Simotel, publishes the
+result, and only then acknowledges the command.
+
+    delivery -> _handle -> _process (validate, de-duplicate, deadline, lane, execute)
+             -> _settle  (publish result + reply + dead letter, wait for confirms, ack)
+
+`_settle` is the one place that acks, hands back (nack + requeue) or dead-letters a command.
+A command is handed back when its result could not be confirmed by the broker, on shutdown,
+or when something unexpected broke; the quorum queue's delivery limit ends a command that keeps
+coming back.
+
+Lanes: report searches (Endpoint.lane == "slow") run in their own pool of
+`worker.report_prefetch`, everything else in a pool of `worker.prefetch`, so slow searches never
+hold up click-to-call or agent commands. The consumer window is `2 * prefetch +
+report_prefetch`: room for the fast pool, the slow pool and `prefetch` commands waiting for a
+slot.
+
+Run it alone with `simotel-bridge worker -c config.yaml`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+import uuid
+from collections.abc import Mapping
+from datetime import UTC
+from typing import Any
+
+import aio_pika.exceptions
+import httpx
+import structlog
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    ConsumerTag,
+)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from bridge.amqp import Broker, Publisher, Unroutable, json_message
+from bridge.commands import (
+    STATUSES,
+    Command,
+    Envelope,
+    InvalidCommand,
+    Result,
+    build_request,
+    describe_invalid,
+    is_expired,
+    make_result,
+    needs_dead_letter,
+    parse_command,
+    result_key,
+    result_message,
+)
+from bridge.config import Settings
+from bridge.dedupe import StateStore
+from bridge.errors import ConfigError, PublishError
+from bridge.simotel import SimotelClient
+
+log = structlog.get_logger("bridge.worker")
+
+_PURGE_EVERY = 3600.0
+
+
+class WorkerMetrics:
+    """The worker's Prometheus metrics, registered on the given registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.commands = Counter(
+            "simotel_bridge_commands_total",
+            "Commands settled, by source and result status.",
+            ["source", "status"],
+            registry=registry,
+        )
+        self.duplicates = Counter(
+            "simotel_bridge_command_duplicates_total",
+            "Commands answered with the result of an earlier command with the same message_id.",
+            registry=registry,
+        )
+        self.handed_back = Counter(
+            "simotel_bridge_commands_handed_back_total",
+            "Commands returned to the queue (shutdown, unconfirmed result, unexpected error).",
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "simotel_bridge_commands_in_flight",
+            "Commands being executed, by lane.",
+            ["lane"],
+            registry=registry,
+        )
+        self.simotel_latency = Histogram(
+            "simotel_bridge_simotel_request_seconds",
+            "Duration of one HTTP request to Simotel, by source and endpoint kind.",
+            ["source", "kind"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=registry,
+        )
+        for status in STATUSES:  # make every status visible at 0
+            self.commands.labels(source="_", status=status)
+
+
+def envelope_of(message: AbstractIncomingMessage, received_at: float) -> Envelope:
+    ts = message.timestamp
+    if ts is not None and ts.tzinfo is None:
+        ts = ts.replace(tzinfo=UTC)
+    expiration = message.expiration
+    return Envelope(
+        body=message.body,
+        routing_key=message.routing_key or "",
+        message_id=message.message_id,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        headers=dict(message.headers or {}),
+        expiration=float(expiration) if isinstance(expiration, int | float) else None,
+        timestamp=ts.timestamp() if ts is not None else None,
+        redelivered=bool(message.redelivered),
+        received_at=received_at,
+    )
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        broker: Broker,
+        publisher: Publisher,
+        clients: Mapping[str, SimotelClient],
+        store: StateStore,
+        metrics: WorkerMetrics,
+    ) -> None:
+        self.settings = settings
+        self.broker = broker
+        self.publisher = publisher
+        self.clients = clients
+        self.store = store
+        self.metrics = metrics
+        w = settings.worker
+        self._lanes = {
+            "fast": asyncio.Semaphore(w.prefetch),
+            "slow": asyncio.Semaphore(w.report_prefetch),
+        }
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._parked: set[asyncio.Task[Any]] = set()
+        self._inflight: dict[str, asyncio.Future[Result | None]] = {}
+        self._stopping = False
+        self._channel: AbstractChannel | None = None
+        self._queue: AbstractQueue | None = None
+        self._tag: ConsumerTag | None = None
+        self._purged_at = 0.0
+
+    @property
+    def window(self) -> int:
+        w = self.settings.worker
+        return 2 * w.prefetch + w.report_prefetch
+
+    async def start(self) -> None:
+        await self._purge()
+        self._channel = await self.broker.channel(prefetch=self.window, confirms=False)
+        self._queue = await self._channel.get_queue(
+            self.settings.amqp.queues.commands, ensure=False
+        )
+        self._tag = await self._queue.consume(self._on_message)
+        log.info("worker consuming", queue=self._queue.name, window=self.window)
+
+    async def shutdown(self) -> None:
+        """Stop consuming, hand back what has not started, let the rest finish within
+        `shutdown_grace`, cancel what is left (handed back), close the channel."""
+        self._stopping = True
+        if self._queue is not None and self._tag is not None:
+            try:
+                async with asyncio.timeout(5):
+                    await self._queue.cancel(self._tag)
+            except (TimeoutError, *aio_pika.exceptions.CONNECTION_EXCEPTIONS) as exc:
+                log.warning("cannot cancel the consumer", error=repr(exc))
+        for task in list(self._parked):
+            task.cancel()
+        if self._tasks:
+            grace = self.settings.worker.shutdown_grace
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            if pending:
+                log.warning("shutdown grace over, handing back commands", count=len(pending))
+                for task in pending:
+                    task.cancel()
+                await asyncio.wait(pending, timeout=5)
+        if self._channel is not None and not self._channel.is_closed:
+            await self._channel.close()  # anything still unacked goes back to the queue
+        log.info("worker stopped")
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.create_task(self._handle(message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        structlog.contextvars.clear_contextvars()
+        env = envelope_of(message, time.time())
+        structlog.contextvars.bind_contextvars(message_id=env.message_id)
+        try:
+            result = await self._process(env)
+        except asyncio.CancelledError:
+            log.info("command handed back", why="shutdown")
+            await self._settle(message, env, None)
+            raise
+        except Exception:
+            log.exception("command handling failed, handing back")
+            result = None
+        await self._settle(message, env, result)
+
+    async def _process(self, env: Envelope) -> Result | None:
+        fallback = uuid.uuid4().hex
+        sources = self.clients.keys()
+        try:
+            cmd = parse_command(env, sources, fallback_id=fallback)
+        except InvalidCommand as exc:
+            action, source = describe_invalid(env, sources)
+            return Result(
+                command_id=env.message_id or fallback,
+                action=action,
+                source=source,
+                status="rejected",
+                error=exc.detail,
+                reason=exc.reason,
+            )
+        structlog.contextvars.bind_contextvars(source=cmd.source, action=cmd.action)
+        mid = cmd.message_id
+        if mid is None:
+            return await self._execute(cmd)
+        first = self._inflight.get(mid)
+        if first is not None:  # the same message_id is being executed here right now
+            self.metrics.duplicates.inc()
+            return await asyncio.shield(first)
+        future: asyncio.Future[Result | None] = asyncio.get_running_loop().create_future()
+        self._inflight[mid] = future
+        result: Result | None = None
+        try:
+            result = await self._once(cmd, mid)
+        finally:
+            del self._inflight[mid]
+            future.set_result(result)
+        return result
+
+    async def _once(self, cmd: Command, mid: str) -> Result | None:
+        """At most once per message_id: the stored result, `unknown`, or a fresh execution."""
+        record = await self.store.get(mid)
+        if record is not None:
+            if (record.source, record.action) != (cmd.source, cmd.action):
+                return make_rejected(cmd, "message_id_reused", "message_id used by another command")
+            if record.state == "done" and record.result is not None:
+                self.metrics.duplicates.inc()
+                log.info("duplicate message_id: answering with the first result")
+                return Result.from_json(record.result)
+            if not cmd.retry_safe:
+                unknown = make_unknown(cmd)
+                await self.store.finish(mid, cmd.source, cmd.action, unknown.to_json())
+                return unknown
+        result = await self._execute(cmd)
+        if result is not None and not cmd.endpoint.is_download:
+            await self.store.finish(
+                mid, cmd.source, cmd.action, result.to_json(), durable=not cmd.retry_safe
+            )
+        return result
+
+    async def _execute(self, cmd: Command) -> Result | None:
+        """Run the command in its lane; None when it must be handed back (shutdown)."""
+        started = time.perf_counter()
+        if is_expired(cmd.deadline, time.time()):
+            return make_expired(cmd)
+        lane = self._lanes[cmd.endpoint.lane]
+        task = asyncio.current_task()
+        assert task is not None
+        self._parked.add(task)
+        try:
+            await lane.acquire()
+        finally:
+            self._parked.discard(task)
+        try:
+            if self._stopping:
+                return None
+            if not cmd.retry_safe:
+                assert cmd.message_id is not None  # parse_command requires it
+                if not await self.store.start(cmd.message_id, cmd.source, cmd.action):
+                    return make_unknown(cmd)  # another worker claimed it meanwhile
+            gauge = self.metrics.in_flight.labels(lane=cmd.endpoint.lane)
+            gauge.inc()
+            try:
+                client = self.clients[cmd.source]
+                execution = await client.execute(
+                    cmd.endpoint, build_request(cmd), deadline=cmd.deadline
+                )
+            finally:
+                gauge.dec()
+        finally:
+            lane.release()
+        duration_ms = round((time.perf_counter() - started) * 1000)
+        return make_result(cmd, execution.outcome, execution.attempts, duration_ms)
+
+    async def _settle(
+        self, message: AbstractIncomingMessage, env: Envelope, result: Result | None
+    ) -> None:
+        """THE decision for a delivery: no result -> hand back; else publish the result (and
+        the reply, and a dead letter unless ok/failed), wait for the confirms, then ack. A
+        result the broker does not confirm hands the command back."""
+        if result is None:
+            self.metrics.handed_back.inc()
+            await self._finish(message, ack=False)
+            return
+        key = result_key(result.source, result.action)
+        body, ctype, headers = result_message(result)
+        amqp = self.settings.amqp
+
+        def result_msg() -> aio_pika.Message:
+            return json_message(
+                body,
+                message_id=uuid.uuid4().hex,
+                type="result",
+                headers=headers,
+                timestamp=time.time(),
+                correlation_id=env.correlation_id,
+                content_type=ctype,
+            )
+
+        try:
+            await self.publisher.publish(amqp.exchanges.results, key, result_msg(), mandatory=False)
+            if env.reply_to:
+                try:
+                    await self.publisher.publish("", env.reply_to, result_msg(), mandatory=True)
+                except Unroutable:
+                    log.warning("reply_to queue is gone, result only on the results exchange")
+            if needs_dead_letter(result.status):
+                await self.publisher.publish(amqp.exchanges.dead, key, dead_letter(env, result))
+        except PublishError as exc:
+            log.warning("result not confirmed, handing the command back", error=str(exc))
+            self.metrics.handed_back.inc()
+            await self._finish(message, ack=False)
+            return
+        except Exception:
+            log.exception("cannot publish the result, handing the command back")
+            self.metrics.handed_back.inc()
+            await self._finish(message, ack=False)
+            return
+        await self._finish(message, ack=True)
+        self.metrics.commands.labels(source=result.source or "_", status=result.status).inc()
+        log.info(
+            "command settled",
+            status=result.status,
+            reason=result.reason,
+            http_status=result.http_status,
+            attempts=result.attempts,
+            duration_ms=result.duration_ms,
+        )
+        await self._purge()
+
+    async def _finish(self, message: AbstractIncomingMessage, *, ack: bool) -> None:
+        try:
+            if ack:
+                await message.ack()
+            else:
+                await message.nack(requeue=True)
+        except (
+            aio_pika.exceptions.MessageProcessError,
+            *aio_pika.exceptions.CONNECTION_EXCEPTIONS,
+        ):
+            log.warning("cannot settle: the channel is gone, the broker will redeliver")
+
+    async def _purge(self) -> None:
+        now = time.time()
+        if now - self._purged_at >= _PURGE_EVERY:
+            self._purged_at = now
+            removed = await self.store.purge(now)
+            if removed:
+                log.info("state store purged", removed=removed)
+
+
+def make_rejected(cmd: Command, reason: str, detail: str) -> Result:
+    return Result(cmd.command_id, cmd.action, cmd.source, "rejected", error=detail, reason=reason)
+
+
+def make_unknown(cmd: Command) -> Result:
+    return Result(
+        cmd.command_id,
+        cmd.action,
+        cmd.source,
+        "unknown",
+        error="interrupted while in flight: it may or may not have run, so it is not sent again",
+        reason="interrupted",
+    )
+
+
+def make_expired(cmd: Command) -> Result:
+    return Result(
+        cmd.command_id,
+        cmd.action,
+        cmd.source,
+        "expired",
+        error="deadline passed",
+        reason="deadline",
+    )
+
+
+def dead_letter(env: Envelope, result: Result) -> aio_pika.Message:
+    """The original command, with `reason` and `status` headers (and the result's error)."""
+    headers = {
+        **env.headers,
+        "reason": result.reason or result.status,
+        "status": result.status,
+        "error": result.error,
+        "command_id": result.command_id,
+        "source": result.source,
+        "action": result.action,
+    }
+    return json_message(
+        env.body,
+        message_id=env.message_id or result.command_id,
+        type="dead-command",
+        headers={k: v for k, v in headers.items() if v is not None},
+        timestamp=time.time(),
+        correlation_id=env.correlation_id,
+    )
+
+
+def make_clients(
+    settings: Settings,
+    metrics: WorkerMetrics,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> dict[str, SimotelClient]:
+    """One client per source with API settings, sized for both lanes."""
+    size = settings.worker.prefetch + settings.worker.report_prefetch
+    clients: dict[str, SimotelClient] = {}
+    for name, source in settings.sources.items():
+        if source.api is None:
+            continue
+
+        def observe(kind: str, seconds: float, name: str = name) -> None:
+            metrics.simotel_latency.labels(source=name, kind=kind).observe(seconds)
+
+        clients[name] = SimotelClient(
+            name, source.api, max_connections=size, transport=transport, observe=observe
+        )
+    return clients
+
+
+async def run_worker(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    broker: Broker | None = None,
+    metrics: WorkerMetrics | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> None:
+    """Run the worker until `stop` is set, then shut down gracefully. A given `broker` (shared
+    with the other roles of `run`) is used and left open; otherwise one is made and closed."""
+    if not any(s.api is not None for s in settings.sources.values()):
+        raise ConfigError([("sources", "no source has api settings: the worker cannot call one")])
+    own_broker = broker is None
+    if broker is None:
+        broker = Broker(settings.amqp, name="simotel-bridge worker")
+        await broker.connect()
+    metrics = metrics or WorkerMetrics(CollectorRegistry())
+    publisher = Publisher(broker)
+    clients = make_clients(settings, metrics, transport)
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    store = StateStore(
+        settings.worker.state_path,
+        ttl_seconds=settings.worker.state_ttl_hours * 3600,
+        owner=owner,
+    )
+    worker = Worker(settings, broker, publisher, clients, store, metrics)
+    try:
+        await publisher.start()
+        await worker.start()
+        await stop.wait()
+    finally:
+        await worker.shutdown()
+        for client in clients.values():
+            await client.aclose()
+        store.close()
+        await publisher.close()
+        if own_broker:
+            await broker.close()
