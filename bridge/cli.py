@@ -9,7 +9,7 @@ from pathlib import Path
 
 from bridge import __version__
 from bridge.config import Settings, default_config_path, load_settings
-from bridge.errors import ConfigError
+from bridge.errors import BridgeError, ConfigError
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -21,6 +21,14 @@ def _configure_logs(settings: Settings) -> None:
     from bridge import logs
 
     logs.configure(settings.log)
+
+
+def _quiet_logs() -> None:
+    """Client commands print their answer on stdout; only warnings go to stderr."""
+    from bridge import logs
+    from bridge.config import LogSettings
+
+    logs.configure(LogSettings(level="warning"))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -54,10 +62,62 @@ def _run(coro: object) -> None:
         asyncio.run(coro)  # type: ignore[arg-type]
 
 
+def cmd_send(args: argparse.Namespace) -> int:
+    import orjson
+
+    from bridge.commands import InvalidCommand
+    from bridge.send import send_command
+
+    settings = _settings(args)
+    _quiet_logs()
+    try:
+        data = orjson.loads(args.data) if args.data else {}
+    except orjson.JSONDecodeError as exc:
+        print(f"JSON is not valid: {exc}", file=sys.stderr)
+        return 2
+    if not isinstance(data, dict):
+        print("JSON must be an object", file=sys.stderr)
+        return 2
+
+    async def main() -> int:
+        try:
+            result = await send_command(
+                settings,
+                args.action,
+                data,
+                source=args.source,
+                timeout=args.timeout,
+                message_id=args.message_id,
+            )
+        except InvalidCommand as exc:
+            print(f"rejected: {exc.detail}", file=sys.stderr)
+            return 2
+        except TimeoutError:
+            print(f"no result within {args.timeout}s (is a worker running?)", file=sys.stderr)
+            return 3
+        if result.file is not None:
+            out = args.output or Path(f"download-{result.command_id}")
+            out.write_bytes(result.file)
+            print(f"{len(result.file)} bytes ({result.content_type}) written to {out}",
+                  file=sys.stderr)  # fmt: skip
+        sys.stdout.write(result.to_json().decode() + "\n")
+        return 0 if result.status == "ok" else 1
+
+    code = 0
+
+    async def run() -> None:
+        nonlocal code
+        code = await main()
+
+    _run(run())
+    return code
+
+
 def cmd_tail(args: argparse.Namespace) -> int:
     from bridge.tail import tail
 
     settings = _settings(args)
+    _quiet_logs()
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -145,6 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("check-config", "validate the configuration, print each problem with its key").set_defaults(
         func=cmd_check_config
     )
+    p = add("send", "publish a command, wait for its result and print it")
+    p.add_argument("action", help="an API v4 path, e.g. call/originate/act")
+    p.add_argument("data", nargs="?", help="the request body as a JSON object (default {})")
+    p.add_argument("--source", help="the PBX to call (default: the only configured source)")
+    p.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait (also the deadline)"
+    )
+    p.add_argument("--message-id", help="idempotency key (default: a fresh one)")
+    p.add_argument("-o", "--output", type=Path, help="where to write a download's bytes")
+    p.set_defaults(func=cmd_send)
+
     p = add("tail", "print events and results whose routing key matches PATTERN as they flow")
     p.add_argument("pattern", nargs="?", default="#", help="routing-key pattern (default: #)")
     p.add_argument("-n", "--limit", type=int, help="stop after this many messages")
@@ -196,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BridgeError as exc:
+        print(f"simotel-bridge: {exc}", file=sys.stderr)
+        return 1
     return code
 
 

@@ -20,21 +20,29 @@ class _Server(uvicorn.Server):
 
 
 @contextlib.asynccontextmanager
-async def serve(app: ASGIApp, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
-    """Run `app` while the block runs; yields its base URL, e.g. `http://127.0.0.1:40123`."""
+async def serve(
+    app: ASGIApp, host: str = "127.0.0.1", port: int = 0, *, graceful: float = 2.0
+) -> AsyncIterator[str]:
+    """Run `app` while the block runs; yields its base URL, e.g. `http://127.0.0.1:40123`.
+    Binding happens before anything else, so a taken port fails here with OSError. On exit,
+    open requests get `graceful` seconds to finish."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((host, port))
-        sock.listen(128)
+        sock.listen(2048)
         sock.setblocking(False)
     except OSError:
         sock.close()
         raise
     config = uvicorn.Config(
-        app, lifespan="off", log_config=None, access_log=False, timeout_graceful_shutdown=2
+        app,
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=max(1, round(graceful)),
     )
     server = _Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]), name=f"uvicorn {host}:{port}")
@@ -45,7 +53,7 @@ async def serve(app: ASGIApp, host: str = "127.0.0.1", port: int = 0) -> AsyncIt
     finally:
         server.should_exit = True
         try:
-            await asyncio.wait_for(asyncio.shield(task), timeout=5)
+            await asyncio.wait_for(asyncio.shield(task), timeout=graceful + 3)
         except TimeoutError:
             server.force_exit = True
             task.cancel()

@@ -151,6 +151,7 @@ def create_app(
     metrics: Metrics,
     components: ComponentHandler | None = None,
     broker_ready: Callable[[], bool] = lambda: True,
+    webhooks: bool = True,
     lifespan: Any = None,
 ) -> Starlette:
     """The ingress app. It owns no connection: the caller's lifespan does."""
@@ -275,6 +276,10 @@ def create_app(
         Route("/webhooks/{source}/events/", event_webhook, methods=methods),
         Route("/webhooks/{source}/events/{event}", event_webhook, methods=methods),
         Route("/webhooks/{source}/components/{component}", component_webhook, methods=methods),
+    ]
+    if not webhooks:
+        routes = []
+    routes += [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),

@@ -8,14 +8,14 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Iterator
 from typing import Any
 
 import structlog
-import uvicorn
 
+from bridge import httpserver
 from bridge.amqp import Broker, Publisher
 from bridge.config import Settings
+from bridge.errors import BridgeError, ConfigError
 from bridge.ingress import create_app
 from bridge.metrics import Metrics
 from bridge.translate import OutgoingEvent
@@ -42,12 +42,8 @@ class DirectSink:
         return {"mode": "broker"}
 
 
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: the runtime owns the signals."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
+class RoleFailed(BridgeError):
+    """A role (HTTP server, worker) stopped on its own; the process exits non-zero."""
 
 
 def install_signals(stop: asyncio.Event) -> None:
@@ -55,61 +51,76 @@ def install_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
 
     def handle(sig: signal.Signals) -> None:
+        # Act first, log after: a log line that cannot be written must not block a stop.
         if stop.is_set():
-            log.warning("second signal, exiting now", signal=sig.name)
             os._exit(1)
-        log.info("stopping", signal=sig.name)
         stop.set()
+        with contextlib.suppress(Exception):
+            log.info("stopping (a second signal exits at once)", signal=sig.name)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, handle, sig)
 
 
 async def serve(settings: Settings, roles: frozenset[str], stop: asyncio.Event) -> None:
-    """Run the given roles ("ingress", "worker") until `stop` is set."""
+    """Run the given roles ("ingress", "worker") until `stop` is set. Every role serves
+    /healthz, /readyz and /metrics on the HTTP port; only the ingress serves webhooks.
+
+    Shutdown is ordered: the HTTP server stops accepting and gives open requests a few seconds;
+    the worker (which watches `stop`) drains within its grace; a role still running after that
+    bound is cancelled with a logged reason; the connections close last."""
     broker = Broker(settings.amqp, name=f"simotel-bridge {'+'.join(sorted(roles))}")
     await broker.connect()
-    closers: list[Any] = []
+    metrics = Metrics()
     tasks: list[asyncio.Task[Any]] = []
-    server: _Server | None = None
-    try:
-        if "ingress" in roles:
-            publisher = Publisher(broker)
-            await publisher.start()
-            closers.append(publisher.close)
-            metrics = Metrics()
-            sink = DirectSink(publisher, metrics)
-            app = create_app(
-                settings, sink=sink, metrics=metrics, broker_ready=lambda: broker.ready
-            )
-            config = uvicorn.Config(
-                app,
-                host=settings.http.host,
-                port=settings.http.port,
-                log_config=None,
-                access_log=False,
-                lifespan="off",
-                timeout_graceful_shutdown=10,
-            )
-            server = _Server(config)
-            tasks.append(asyncio.create_task(server.serve(), name="http"))
-            log.info("ingress listening", host=settings.http.host, port=settings.http.port)
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(broker.close)
+        stack.push_async_callback(_drain, tasks, settings.worker.shutdown_grace + 5)
+        if "worker" in roles:
+            if any(s.api is not None for s in settings.sources.values()):
+                from bridge.worker import WorkerMetrics, run_worker
+
+                worker_metrics = WorkerMetrics(metrics.registry)
+                worker = run_worker(settings, stop, broker=broker, metrics=worker_metrics)
+                tasks.append(asyncio.create_task(worker, name="worker"))
+            elif roles == {"worker"}:
+                raise ConfigError([("sources", "no source has api settings: nothing to call")])
+            else:
+                log.warning("no source has api settings: the command worker is not started")
+        publisher = Publisher(broker)
+        await publisher.start()
+        stack.push_async_callback(publisher.close)
+        app = create_app(
+            settings,
+            sink=DirectSink(publisher, metrics),
+            metrics=metrics,
+            broker_ready=lambda: broker.ready,
+            webhooks="ingress" in roles,
+        )
+        host, port = settings.http.host, settings.http.port
+        try:
+            url = await stack.enter_async_context(httpserver.serve(app, host, port, graceful=5))
+        except OSError as exc:
+            raise RoleFailed(f"cannot listen on {host}:{port}: {exc}") from exc
+        stack.callback(stop.set)  # runs first on the way out: tells the worker to drain
+        log.info("listening", roles=sorted(roles), url=url)
         waiter = asyncio.create_task(stop.wait(), name="stop")
         done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
-        for t in done:
-            if t is not waiter and t.exception() is not None:
-                log.error("a role failed", task=t.get_name(), error=repr(t.exception()))
         waiter.cancel()
-    finally:
-        if server is not None:
-            server.should_exit = True
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=settings.worker.shutdown_grace + 5)
-            for t in pending:
-                log.warning("cancelling after the shutdown bound", task=t.get_name())
-                t.cancel()
-        for close in reversed(closers):
-            with contextlib.suppress(Exception):
-                await close()
-        await broker.close()
-        log.info("stopped")
+        for t in done:
+            if t is not waiter:
+                failure = t.exception() if not t.cancelled() else None
+                log.error("a role ended early", role=t.get_name(), error=repr(failure))
+                raise RoleFailed(f"{t.get_name()} ended early: {failure!r}")
+    log.info("stopped")
+
+
+async def _drain(tasks: list[asyncio.Task[Any]], bound: float) -> None:
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=bound)
+    for t in pending:
+        log.warning("cancelling after the shutdown bound", role=t.get_name())
+        t.cancel()
+    if pending:
+        await asyncio.wait(pending, timeout=5)

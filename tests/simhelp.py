@@ -13,9 +13,9 @@ from typing import Any
 
 import httpx
 
+from bridge.httpserver import serve
 from bridge.simulator.api import EventSink, create_api_app
 from bridge.simulator.options import SimulatorOptions
-from bridge.simulator.server import serve
 from bridge.simulator.state import SimState, seed
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

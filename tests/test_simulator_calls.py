@@ -12,10 +12,10 @@ from typing import Any
 import httpx
 import pytest
 
+from bridge.httpserver import serve
 from bridge.simulator import SimulatorOptions, flows, scenarios, simulator
 from bridge.simulator.options import DELIVERIES, Delivery
 from bridge.simulator.replies import OriginateRequest
-from bridge.simulator.server import serve
 from tests.simhelp import Receiver, check_call_order
 
 PBX = flows.Pbx(

@@ -10,7 +10,6 @@ sends webhooks and calls dialplan components the way Simotel does.
     flows.py     call flows as pure generators of webhooks and component requests
     calls.py     sends them over HTTP, at a rate, and plays originate
     media.py     WAV/TIFF files and Jalali dates
-    server.py    uvicorn on a pre-bound socket (port 0 works)
 """
 
 from __future__ import annotations
@@ -24,10 +23,10 @@ from dataclasses import dataclass
 import httpx
 import structlog
 
+from bridge.httpserver import serve
 from bridge.simulator.api import create_api_app
 from bridge.simulator.calls import CallGenerator
 from bridge.simulator.options import DELIVERIES, Delivery, Faults, SimulatorOptions
-from bridge.simulator.server import serve
 from bridge.simulator.state import SimState, seed
 
 __all__ = [
