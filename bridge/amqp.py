@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
 import aio_pika.exceptions
+import aiormq
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aiormq import spec
 
 from bridge import topology
 from bridge.config import AmqpSettings
@@ -92,7 +94,6 @@ class Publisher:
         self.broker = broker
         self.timeout = timeout if timeout is not None else broker.settings.publish_timeout
         self._channel: AbstractChannel | None = None
-        self._exchanges: dict[str, AbstractExchange] = {}
         self._lock = asyncio.Lock()
 
     @property
@@ -102,17 +103,6 @@ class Publisher:
 
     async def start(self) -> None:
         self._channel = await self.broker.channel()
-
-    async def _exchange(self, name: str) -> AbstractExchange:
-        ex = self._exchanges.get(name)
-        if ex is None:
-            async with self._lock:
-                if self._channel is None or self._channel.is_closed:
-                    self._channel = await self.broker.channel()
-                    self._exchanges.clear()
-                ex = await self._channel.get_exchange(name, ensure=False)
-                self._exchanges[name] = ex
-        return ex
 
     async def publish(
         self,
@@ -125,12 +115,51 @@ class Publisher:
     ) -> float:
         """Publish and wait for the broker's confirm. Returns the confirm latency in seconds.
         Raises `Unroutable` when a mandatory publish comes back, `PublishError` otherwise."""
+        return await self.publish_raw(
+            exchange,
+            routing_key,
+            message.body,
+            message.properties,
+            mandatory=mandatory,
+            timeout=timeout,
+        )
+
+    async def publish_raw(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: spec.Basic.Properties,
+        *,
+        mandatory: bool = True,
+        timeout: float | None = None,
+    ) -> float:
+        """`publish` for a body and ready-made properties: the hot path of the ingress.
+
+        It goes to the channel underneath aio-pika's robust wrapper (re-fetched every time, so
+        it follows reconnects) and does not wait for the frame to drain into the socket before
+        releasing the channel to the next publisher: the broker's confirm is what is awaited,
+        and the number in flight is bounded by the callers. Both save measurable CPU per event.
+        """
         limit = self.timeout if timeout is None else timeout
         started = time.perf_counter()
         try:
             async with asyncio.timeout(limit):
-                ex = await self._exchange(exchange)
-                await ex.publish(message, routing_key, mandatory=mandatory)
+                channel = self._channel
+                if channel is None or channel.is_closed:
+                    async with self._lock:
+                        if self._channel is None or self._channel.is_closed:
+                            self._channel = await self.broker.channel()
+                    channel = self._channel
+                underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+                await underlay.basic_publish(
+                    body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=properties,
+                    mandatory=mandatory,
+                    wait=False,
+                )
         except aio_pika.exceptions.PublishError as exc:
             raise Unroutable(f"no queue bound to {exchange}/{routing_key}") from exc
         except aio_pika.exceptions.DeliveryError as exc:
@@ -138,7 +167,6 @@ class Publisher:
         except TimeoutError as exc:
             raise PublishError(f"not confirmed within {limit:.3g}s") from exc
         except (*aio_pika.exceptions.CONNECTION_EXCEPTIONS,) as exc:
-            self._exchanges.clear()
             raise PublishError(f"broker connection failed: {exc!r}") from exc
         return time.perf_counter() - started
 

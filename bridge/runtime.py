@@ -32,8 +32,8 @@ class DirectSink:
         self.metrics = metrics
 
     async def accept(self, event: OutgoingEvent) -> str:
-        latency = await self.publisher.publish(
-            event.exchange, event.routing_key, event.to_message(), mandatory=False
+        latency = await self.publisher.publish_raw(
+            event.exchange, event.routing_key, event.body, event.properties(), mandatory=False
         )
         self.metrics.confirm_latency.observe(latency)
         return "broker"

@@ -17,8 +17,9 @@ from urllib.parse import parse_qsl
 
 import aio_pika
 import orjson
+from aiormq import spec
 
-from bridge.amqp import json_message
+from bridge.amqp import APP_ID, json_message
 from bridge.errors import WebhookError
 from bridge.topology import event_key, sanitise
 
@@ -173,6 +174,18 @@ class OutgoingEvent:
             type=self.event,
             headers=dict(self.headers),
             timestamp=self.timestamp,
+        )
+
+    def properties(self) -> spec.Basic.Properties:
+        """The AMQP properties of `to_message()`, built directly (the ingress hot path)."""
+        return spec.Basic.Properties(
+            content_type="application/json",
+            delivery_mode=2,
+            message_id=self.message_id,
+            message_type=self.event,
+            app_id=APP_ID,
+            headers=dict(self.headers),
+            timestamp=datetime.fromtimestamp(int(self.timestamp), UTC),
         )
 
 

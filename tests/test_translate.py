@@ -148,3 +148,21 @@ def test_components_matched_case_insensitively() -> None:
     assert translate.canonical_component("smartapi") == "SmartApi"
     assert translate.canonical_component("EXTENAPI") == "ExtenApi"
     assert translate.canonical_component("Other") is None
+
+
+def test_direct_properties_match_the_message() -> None:
+    """The ingress publishes `properties()` directly; it must say what `to_message()` says."""
+    payload = translate.Payload(fields={"event_name": "Cdr", "unique_id": "1.1"}, form="json")
+    event = translate.build_event("x", "s", "Cdr", payload, now=1700000000.7)
+    direct, via_message = event.properties(), event.to_message().properties
+    for name in (
+        "content_type",
+        "delivery_mode",
+        "message_id",
+        "message_type",
+        "app_id",
+        "headers",
+    ):
+        assert getattr(direct, name) == getattr(via_message, name), name
+    assert direct.timestamp is not None and via_message.timestamp is not None
+    assert int(direct.timestamp.timestamp()) == int(via_message.timestamp.timestamp())
