@@ -227,13 +227,22 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
         for i, segment in enumerate(path):
             key = _match_key(node, segment)
             if i == len(path) - 1:
-                node[key] = yaml.safe_load(value) if value.strip() else ""
+                node[key] = _env_value(value)
             else:
                 child = node.get(key)
                 if not isinstance(child, dict):
                     child = {}
                     node[key] = child
                 node = child
+
+
+def _env_value(value: str) -> Any:
+    """An environment value is a string (validation converts `9090` or `true` where the key
+    wants a number or a switch), so a password such as `123456` or `yes` stays what it is.
+    Only a YAML flow list or mapping (`[10.0.0.0/8, 192.168.0.0/16]`) is parsed."""
+    if value.strip().startswith(("[", "{")):
+        return yaml.safe_load(value)
+    return value
 
 
 def _match_key(node: dict[str, Any], segment: str) -> str:

@@ -137,3 +137,20 @@ def test_check_config_command(tmp_path: Path) -> None:
     assert res.returncode == 2
     assert "http.port:" in res.stderr
     assert "sources.simotel.webhook:" in res.stderr
+
+
+def test_environment_values_stay_strings_unless_a_list_or_mapping() -> None:
+    env = {
+        "SIMOTEL_BRIDGE__SOURCES__S__WEBHOOK__USERNAME": "007",
+        "SIMOTEL_BRIDGE__SOURCES__S__WEBHOOK__PASSWORD": "123456",
+        "SIMOTEL_BRIDGE__SOURCES__S__WEBHOOK__ALLOWED_IPS": "[10.0.0.0/8, 192.168.1.0/24]",
+        "SIMOTEL_BRIDGE__HTTP__PORT": "9090",
+        "SIMOTEL_BRIDGE__SPOOL__ENABLED": "false",
+    }
+    settings = load_settings(data={"sources": {"s": {}}}, environ=env)
+    hook = settings.sources["s"].webhook
+    assert hook.username == "007"
+    assert hook.password is not None and hook.password.get_secret_value() == "123456"
+    assert hook.allowed_ips == ("10.0.0.0/8", "192.168.1.0/24")
+    assert settings.http.port == 9090
+    assert settings.spool.enabled is False
