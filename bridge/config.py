@@ -161,8 +161,12 @@ class ComponentSettings(_Model):
     deadlines_ms: dict[str, int] = {}
     # Fallback answer per component, and per "Component.app_name" (the more specific wins).
     fallbacks: dict[str, FallbackAnswer] = {}
-    # Also publish each component request to the events exchange as `{source}.Component.{Name}`.
+    # Also publish each component request to the events exchange, for audit and analytics, as
+    # `{source}.Component{Name}` (e.g. simotel.ComponentSmartApi: two levels, like events).
     publish_as_event: bool = False
+    # Requests waiting for a responder at once; beyond it the fallback is answered at once, so
+    # an overloaded bridge still answers every call inside Simotel's second.
+    max_in_flight: int = Field(64, ge=1, le=10_000)
 
     @field_validator("deadlines_ms", "fallbacks")
     @classmethod

@@ -46,8 +46,16 @@ class EventSink(Protocol):
 
 
 class ComponentHandler(Protocol):
+    """Answers a live call's component request within its deadline (`received_at` is the
+    `time.monotonic()` at which the request arrived)."""
+
     async def handle(
-        self, source: str, component: str, fields: dict[str, Any]
+        self,
+        source: str,
+        component: str,
+        fields: dict[str, Any],
+        *,
+        received_at: float | None = None,
     ) -> dict[str, Any]: ...
 
 
@@ -227,6 +235,7 @@ def create_app(
 
     async def component_webhook(request: Request) -> Response:
         started = time.perf_counter()
+        arrived = time.monotonic()
         fields: dict[str, Any] = {"source": request.path_params["source"]}
         status = 500
         try:
@@ -239,7 +248,7 @@ def create_app(
                 raise WebhookError(404, "components_disabled", "components are not served here")
             fields["app_name"] = payload.fields.get("app_name")
             fields["call_id"] = translate.call_id(payload.fields)
-            answer = await components.handle(source, component, payload.fields)
+            answer = await components.handle(source, component, payload.fields, received_at=arrived)
             status = 200
             return _json(200, answer)
         except WebhookError as exc:

@@ -14,6 +14,7 @@ import structlog
 
 from bridge import httpserver
 from bridge.amqp import Broker, Publisher
+from bridge.components import ComponentMetrics, ComponentRpc
 from bridge.config import Settings
 from bridge.errors import BridgeError, ConfigError
 from bridge.ingress import create_app
@@ -90,10 +91,23 @@ async def serve(settings: Settings, roles: frozenset[str], stop: asyncio.Event) 
         publisher = Publisher(broker)
         await publisher.start()
         stack.push_async_callback(publisher.close)
+        sink = DirectSink(publisher, metrics)
+        components: ComponentRpc | None = None
+        if "ingress" in roles:
+            components = ComponentRpc(
+                broker,
+                settings,
+                ComponentMetrics(metrics.registry),
+                events=sink,
+                max_in_flight=max(s.components.max_in_flight for s in settings.sources.values()),
+            )
+            await components.start()
+            stack.push_async_callback(components.close)
         app = create_app(
             settings,
-            sink=DirectSink(publisher, metrics),
+            sink=sink,
             metrics=metrics,
+            components=components,
             broker_ready=lambda: broker.ready,
             webhooks="ingress" in roles,
         )
