@@ -113,7 +113,7 @@ async def serve(url: str) -> None:
     from bridge.config import load_settings
     from bridge.ingress import create_app
     from bridge.metrics import Metrics
-    from bridge.runtime import DirectSink
+    from bridge.sink import EventSink, SpoolMetrics
 
     settings = load_settings(data=settings_data(url), environ={})
     logs.configure(settings.log)
@@ -125,7 +125,7 @@ async def serve(url: str) -> None:
     limit = int(os.environ.get("BENCH_MAX_IN_FLIGHT", DEFAULT_MAX_IN_FLIGHT))
     rpc = ComponentRpc(broker, settings, ComponentMetrics(metrics.registry), max_in_flight=limit)
     await rpc.start()
-    sink = DirectSink(publisher, metrics)
+    sink = EventSink(publisher, None, SpoolMetrics(CollectorRegistry()))
     bridge_app = create_app(settings, sink=sink, metrics=metrics, components=rpc)
     direct_app = create_app(settings, sink=sink, metrics=Metrics(), components=DirectComponents())
     app = Starlette(routes=[Mount("/direct", app=direct_app), Mount("/", app=bridge_app)])

@@ -9,6 +9,7 @@ its timeout: it never hangs, whatever the broker does.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from typing import Any, cast
 
@@ -32,18 +33,55 @@ class Unroutable(PublishError):
     """The broker returned a mandatory publish: no queue is bound to its routing key."""
 
 
+class _BackoffConnection(aio_pika.RobustConnection):
+    """A robust connection whose reconnect attempts grow sparser the longer the broker has been
+    gone: about every second at first, at most every `RECONNECT_CAP` seconds, with jitter so a
+    fleet of bridges does not reconnect in lockstep. aio-pika reads `reconnect_interval` before
+    each attempt; here it is computed from the time the connection was lost."""
+
+    RECONNECT_BASE = 1.0
+    RECONNECT_CAP = 30.0
+    _lost_at: float | None = None
+
+    @property
+    def reconnect_interval(self) -> float:
+        lost = self._lost_at
+        outage = 0.0 if lost is None else time.monotonic() - lost
+        delay = min(self.RECONNECT_CAP, max(self.RECONNECT_BASE, outage / 4))
+        return delay * random.uniform(0.8, 1.0)
+
+    @reconnect_interval.setter
+    def reconnect_interval(self, value: float) -> None:
+        self.RECONNECT_BASE = float(value)
+
+    async def _on_connection_close(self, closing: asyncio.Future[Any]) -> None:
+        if self._lost_at is None:
+            self._lost_at = time.monotonic()
+        await super()._on_connection_close(closing)
+
+    async def _on_connected(self) -> None:
+        await super()._on_connected()
+        self._lost_at = None
+
+
 class Broker:
-    """One robust connection for the process. `ready` reflects whether it is usable now."""
+    """One robust connection for the process. `ready` reflects whether it is usable now.
+
+    `connect()` waits for the broker (bounded by `amqp.connect_timeout`) and fails if it does not
+    answer; `connect(wait=False)` returns at once and keeps trying in the background with
+    exponential backoff, for an ingress that spools until the broker is there."""
 
     def __init__(self, settings: AmqpSettings, name: str = "simotel-bridge") -> None:
         self.settings = settings
         self.name = name
         self._connection: AbstractRobustConnection | None = None
+        self._up = asyncio.Event()
+        self._connector: asyncio.Task[None] | None = None
 
     @property
     def connection(self) -> AbstractRobustConnection:
         if self._connection is None:
-            raise RuntimeError("Broker.connect() has not been awaited")
+            raise PublishError("the broker is not connected yet")
         return self._connection
 
     @property
@@ -51,28 +89,56 @@ class Broker:
         c = self._connection
         return c is not None and not c.is_closed and c.connected.is_set()
 
-    async def connect(self, *, declare: bool = True) -> None:
-        """Connect (bounded by `connect_timeout`) and declare the topology."""
+    async def connect(self, *, declare: bool = True, wait: bool = True) -> None:
+        """Connect and declare the topology (now, or in the background with `wait=False`)."""
+        if wait:
+            await self._connect_once(declare)
+            return
+        self._connector = asyncio.create_task(self._connect_forever(declare), name="amqp-connect")
+
+    async def wait_connected(self) -> None:
+        """Return once the first connection (and topology declaration) has succeeded."""
+        await self._up.wait()
+
+    async def _connect_once(self, declare: bool) -> None:
         url = self.settings.url.get_secret_value()
         try:
-            self._connection = await asyncio.wait_for(
+            connection = await asyncio.wait_for(
                 aio_pika.connect_robust(
                     url,
                     heartbeat=self.settings.heartbeat,
-                    reconnect_interval=1.0,
+                    reconnect_interval=_BackoffConnection.RECONNECT_BASE,
                     client_properties={"connection_name": self.name},
+                    connection_class=_BackoffConnection,
                 ),
                 timeout=self.settings.connect_timeout,
             )
         except (TimeoutError, *aio_pika.exceptions.CONNECTION_EXCEPTIONS) as exc:
             raise PublishError(f"cannot connect to the broker: {exc!r}") from exc
-        if declare:
-            channel = await self._connection.channel()
-            try:
-                await topology.declare(channel, self.settings)
-            finally:
-                await channel.close()
+        try:
+            if declare:
+                channel = await connection.channel()
+                try:
+                    await topology.declare(channel, self.settings)
+                finally:
+                    await channel.close()
+        except BaseException:
+            await connection.close()
+            raise
+        self._connection = connection
+        self._up.set()
         log.info("broker connected", connection=self.name)
+
+    async def _connect_forever(self, declare: bool) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await self._connect_once(declare)
+                return
+            except (PublishError, *aio_pika.exceptions.CONNECTION_EXCEPTIONS) as exc:
+                log.warning("broker unreachable, retrying", error=str(exc), retry_in_s=delay)
+            await asyncio.sleep(delay * random.uniform(0.8, 1.0))
+            delay = min(delay * 2, _BackoffConnection.RECONNECT_CAP)
 
     async def channel(
         self, *, prefetch: int | None = None, confirms: bool = True
@@ -83,6 +149,9 @@ class Broker:
         return ch
 
     async def close(self) -> None:
+        if self._connector is not None:
+            self._connector.cancel()
+            await asyncio.gather(self._connector, return_exceptions=True)
         if self._connection is not None and not self._connection.is_closed:
             await self._connection.close()
 
@@ -98,11 +167,13 @@ class Publisher:
 
     @property
     def ready(self) -> bool:
-        ch = self._channel
-        return self.broker.ready and ch is not None and not ch.is_closed
+        """The broker connection is up (a closed channel is reopened by the next publish)."""
+        return self.broker.ready
 
     async def start(self) -> None:
-        self._channel = await self.broker.channel()
+        """Open the channel now if the broker is there; otherwise the first publish does."""
+        if self.broker.ready:
+            self._channel = await self.broker.channel()
 
     async def publish(
         self,
@@ -168,6 +239,13 @@ class Publisher:
             raise PublishError(f"not confirmed within {limit:.3g}s") from exc
         except (*aio_pika.exceptions.CONNECTION_EXCEPTIONS,) as exc:
             raise PublishError(f"broker connection failed: {exc!r}") from exc
+        except asyncio.CancelledError as exc:
+            # aiormq cancels the pending confirms of a connection that dropped; only a
+            # cancellation of this task itself is a cancellation.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            raise PublishError("the connection dropped before the confirm") from exc
         return time.perf_counter() - started
 
     async def close(self) -> None:

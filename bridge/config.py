@@ -53,7 +53,7 @@ class Queues(_Model):
 class AmqpSettings(_Model):
     url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
     # Seconds to wait for a publisher confirm before the publish counts as failed.
-    publish_timeout: float = Field(5.0, gt=0, le=60)
+    publish_timeout: float = Field(2.0, gt=0, le=60)
     # Seconds to wait for the first connection at start-up before giving up.
     connect_timeout: float = Field(10.0, gt=0)
     heartbeat: int = Field(20, ge=0, le=600)

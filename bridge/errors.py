@@ -4,7 +4,9 @@
     ├── ConfigError             the configuration is invalid (carries every problem with its key)
     ├── WebhookError            a webhook request cannot be accepted (carries the HTTP status)
     ├── PublishError            the broker did not take a message (not confirmed in time, nacked,
-    │                           connection gone)
+    │   │                       connection gone)
+    │   ├── Unroutable          a mandatory publish came back: no queue bound (amqp.py)
+    │   └── SpoolFull           neither the broker nor the spool can take an event (spool.py)
     └── CommandError            a command message is invalid (becomes a `rejected` result)
 
 Anything else escaping a unit of work is a bug: it is logged at the top of that unit and the

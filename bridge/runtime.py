@@ -19,28 +19,9 @@ from bridge.config import Settings
 from bridge.errors import BridgeError, ConfigError
 from bridge.ingress import create_app
 from bridge.metrics import Metrics
-from bridge.translate import OutgoingEvent
+from bridge.sink import EventSink, SpoolMetrics
 
 log = structlog.get_logger("bridge.runtime")
-
-
-class DirectSink:
-    """Publishes each event and waits for the confirm; a failure is the caller's 503. Used when
-    the spool is disabled."""
-
-    def __init__(self, publisher: Publisher, metrics: Metrics) -> None:
-        self.publisher = publisher
-        self.metrics = metrics
-
-    async def accept(self, event: OutgoingEvent) -> str:
-        latency = await self.publisher.publish_raw(
-            event.exchange, event.routing_key, event.body, event.properties(), mandatory=False
-        )
-        self.metrics.confirm_latency.observe(latency)
-        return "broker"
-
-    def status(self) -> dict[str, Any]:
-        return {"mode": "broker"}
 
 
 class RoleFailed(BridgeError):
@@ -67,11 +48,17 @@ async def serve(settings: Settings, roles: frozenset[str], stop: asyncio.Event) 
     """Run the given roles ("ingress", "worker") until `stop` is set. Every role serves
     /healthz, /readyz and /metrics on the HTTP port; only the ingress serves webhooks.
 
+    An ingress with the spool enabled starts even when the broker is down: it spools what it
+    accepts and connects in the background. Otherwise a broker that does not answer within
+    `amqp.connect_timeout` is a start-up error.
+
     Shutdown is ordered: the HTTP server stops accepting and gives open requests a few seconds;
-    the worker (which watches `stop`) drains within its grace; a role still running after that
-    bound is cancelled with a logged reason; the connections close last."""
+    the spool gets a few seconds to drain; the worker (which watches `stop`) drains within its
+    grace; a role still running after that bound is cancelled with a logged reason; the
+    connections close last."""
     broker = Broker(settings.amqp, name=f"simotel-bridge {'+'.join(sorted(roles))}")
-    await broker.connect()
+    ingress = "ingress" in roles
+    await broker.connect(wait=not (ingress and settings.spool.enabled))
     metrics = Metrics()
     tasks: list[asyncio.Task[Any]] = []
     async with contextlib.AsyncExitStack() as stack:
@@ -79,10 +66,7 @@ async def serve(settings: Settings, roles: frozenset[str], stop: asyncio.Event) 
         stack.push_async_callback(_drain, tasks, settings.worker.shutdown_grace + 5)
         if "worker" in roles:
             if any(s.api is not None for s in settings.sources.values()):
-                from bridge.worker import WorkerMetrics, run_worker
-
-                worker_metrics = WorkerMetrics(metrics.registry)
-                worker = run_worker(settings, stop, broker=broker, metrics=worker_metrics)
+                worker = _run_worker(settings, stop, broker, metrics)
                 tasks.append(asyncio.create_task(worker, name="worker"))
             elif roles == {"worker"}:
                 raise ConfigError([("sources", "no source has api settings: nothing to call")])
@@ -91,9 +75,15 @@ async def serve(settings: Settings, roles: frozenset[str], stop: asyncio.Event) 
         publisher = Publisher(broker)
         await publisher.start()
         stack.push_async_callback(publisher.close)
-        sink = DirectSink(publisher, metrics)
+        sink = await EventSink.open(
+            settings,
+            publisher,
+            SpoolMetrics(metrics.registry),
+            confirm_latency=metrics.confirm_latency,
+        )
+        stack.push_async_callback(sink.close, 5.0)
         components: ComponentRpc | None = None
-        if "ingress" in roles:
+        if ingress:
             components = ComponentRpc(
                 broker,
                 settings,
@@ -101,15 +91,18 @@ async def serve(settings: Settings, roles: frozenset[str], stop: asyncio.Event) 
                 events=sink,
                 max_in_flight=max(s.components.max_in_flight for s in settings.sources.values()),
             )
-            await components.start()
+            # Until the broker is there, component requests get their fallback at once.
+            starter = asyncio.create_task(_start_when_connected(broker, components))
+            tasks.append(starter)
             stack.push_async_callback(components.close)
+            stack.callback(starter.cancel)
         app = create_app(
             settings,
             sink=sink,
             metrics=metrics,
             components=components,
             broker_ready=lambda: broker.ready,
-            webhooks="ingress" in roles,
+            webhooks=ingress,
         )
         host, port = settings.http.host, settings.http.port
         try:
@@ -117,16 +110,40 @@ async def serve(settings: Settings, roles: frozenset[str], stop: asyncio.Event) 
         except OSError as exc:
             raise RoleFailed(f"cannot listen on {host}:{port}: {exc}") from exc
         stack.callback(stop.set)  # runs first on the way out: tells the worker to drain
-        log.info("listening", roles=sorted(roles), url=url)
+        log.info("listening", roles=sorted(roles), url=url, broker=broker.ready)
         waiter = asyncio.create_task(stop.wait(), name="stop")
-        done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
-        for t in done:
-            if t is not waiter:
+        while True:
+            done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            if waiter in done:
+                break
+            for t in done:
+                tasks.remove(t)
                 failure = t.exception() if not t.cancelled() else None
-                log.error("a role ended early", role=t.get_name(), error=repr(failure))
-                raise RoleFailed(f"{t.get_name()} ended early: {failure!r}")
+                if failure is not None or (t.get_name() == "worker" and not stop.is_set()):
+                    waiter.cancel()
+                    log.error("a role ended early", role=t.get_name(), error=repr(failure))
+                    raise RoleFailed(f"{t.get_name()} ended early: {failure!r}")
     log.info("stopped")
+
+
+async def _run_worker(
+    settings: Settings, stop: asyncio.Event, broker: Broker, metrics: Metrics
+) -> None:
+    from bridge.worker import WorkerMetrics, run_worker
+
+    connected = asyncio.ensure_future(broker.wait_connected())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([connected, stopping], return_when=asyncio.FIRST_COMPLETED)
+    connected.cancel()
+    stopping.cancel()
+    if stop.is_set():
+        return
+    await run_worker(settings, stop, broker=broker, metrics=WorkerMetrics(metrics.registry))
+
+
+async def _start_when_connected(broker: Broker, components: ComponentRpc) -> None:
+    await broker.wait_connected()
+    await components.start()
 
 
 async def _drain(tasks: list[asyncio.Task[Any]], bound: float) -> None:

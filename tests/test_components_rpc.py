@@ -33,7 +33,7 @@ from bridge.responder import (
     SmartApiAnswer,
     TrunkApiAnswer,
 )
-from bridge.runtime import DirectSink
+from bridge.sink import EventSink, SpoolMetrics
 from bridge.smartapi import parse
 from tests.conftest import FIXTURES, make_settings
 from tests.support import tap
@@ -180,7 +180,7 @@ async def test_round_trip_through_http(
     metrics = Metrics(bridge.registry)
     app = create_app(
         bridge.settings,
-        sink=DirectSink(publisher, metrics),
+        sink=EventSink(publisher, None, SpoolMetrics(CollectorRegistry())),
         metrics=metrics,
         components=bridge.rpc,
         broker_ready=lambda: bridge.broker.ready,

@@ -22,7 +22,7 @@ from bridge.amqp import Broker, Publisher
 from bridge.config import Settings
 from bridge.ingress import create_app
 from bridge.metrics import Metrics
-from bridge.runtime import DirectSink
+from bridge.sink import EventSink, SpoolMetrics
 from tests.conftest import FIXTURES, make_settings
 from tests.support import drain, tap
 
@@ -34,39 +34,45 @@ AUTH = ("simotel", "secret")
 
 @dataclass
 class Ingress:
+    """The ingress app as `simotel-bridge ingress` builds it (the real sink, with its spool),
+    driven in-process over ASGI."""
+
     client: httpx.AsyncClient
     settings: Settings
     metrics: Metrics
+    sink: EventSink
+    broker: Broker
+    publisher: Publisher
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+        await self.sink.close()
+        await self.publisher.close()
+        await self.broker.close()
 
 
-async def start_ingress(
-    settings: Settings, client_ip: str = "127.0.0.1"
-) -> tuple[Ingress, Broker, Publisher]:
+async def start_ingress(settings: Settings, client_ip: str = "127.0.0.1") -> Ingress:
     broker = Broker(settings.amqp)
     await broker.connect()
     publisher = Publisher(broker)
     await publisher.start()
     metrics = Metrics()
-    app = create_app(
-        settings,
-        sink=DirectSink(publisher, metrics),
-        metrics=metrics,
-        broker_ready=lambda: broker.ready,
+    sink = await EventSink.open(
+        settings, publisher, SpoolMetrics(metrics.registry), confirm_latency=metrics.confirm_latency
     )
+    app = create_app(settings, sink=sink, metrics=metrics, broker_ready=lambda: broker.ready)
     transport = httpx.ASGITransport(app=app, client=(client_ip, 40000))
     client = httpx.AsyncClient(transport=transport, base_url="http://bridge")
-    return Ingress(client, settings, metrics), broker, publisher
+    return Ingress(client, settings, metrics, sink, broker, publisher)
 
 
 @pytest.fixture
 async def ingress(settings: Settings) -> AsyncIterator[Ingress]:
-    ing, broker, publisher = await start_ingress(settings)
+    ing = await start_ingress(settings)
     try:
         yield ing
     finally:
-        await ing.client.aclose()
-        await publisher.close()
-        await broker.close()
+        await ing.aclose()
 
 
 def _as_string(value: Any) -> str:
@@ -188,7 +194,7 @@ async def test_two_sources_are_kept_apart(
             "tehran": {"webhook": {"username": "teh", "password": "other-secret"}},
         },
     )
-    ing, broker, publisher = await start_ingress(settings)
+    ing = await start_ingress(settings)
     try:
         async with (
             tap(amqp, "simotel.events", "tehran.#") as tehran,
@@ -211,9 +217,7 @@ async def test_two_sources_are_kept_apart(
         assert [m.routing_key for m in got_s] == ["simotel.Cdr"]
         assert got_t[0].message_id == ok_t.json()["message_id"]
     finally:
-        await ing.client.aclose()
-        await publisher.close()
-        await broker.close()
+        await ing.aclose()
 
 
 def _basic(user: str, password: str) -> str:
@@ -238,7 +242,7 @@ async def test_refusals_publish_nothing(
             },
         },
     )
-    ing, broker, publisher = await start_ingress(settings)
+    ing = await start_ingress(settings)
     c = ing.client
     good = {"event_name": "Cdr", "unique_id": "1.1"}
     cases: list[tuple[int, str, httpx.Response]] = []
@@ -289,9 +293,7 @@ async def test_refusals_publish_nothing(
         assert 'simotel_bridge_webhooks_rejected_total{reason="unauthorized"} 5.0' in metrics
         assert 'simotel_bridge_webhooks_rejected_total{reason="too_large"} 1.0' in metrics
     finally:
-        await ing.client.aclose()
-        await publisher.close()
-        await broker.close()
+        await ing.aclose()
 
 
 async def test_trusted_proxy_forwarded_address(amqp_url: str, tmp_path: Path) -> None:
@@ -309,7 +311,7 @@ async def test_trusted_proxy_forwarded_address(amqp_url: str, tmp_path: Path) ->
             }
         },
     )
-    ing, broker, publisher = await start_ingress(settings)
+    ing = await start_ingress(settings)
     try:
         body = {"event_name": "Ping"}
         allowed = await ing.client.post(
@@ -329,9 +331,7 @@ async def test_trusted_proxy_forwarded_address(amqp_url: str, tmp_path: Path) ->
         assert spoofed.status_code == 403  # the nearest untrusted hop is 192.0.2.9
         assert direct.status_code == 403  # the proxy itself is not in the allow-list
     finally:
-        await ing.client.aclose()
-        await publisher.close()
-        await broker.close()
+        await ing.aclose()
 
     # Without a trusted proxy, X-Forwarded-For is ignored.
     untrusting = make_settings(
@@ -341,7 +341,7 @@ async def test_trusted_proxy_forwarded_address(amqp_url: str, tmp_path: Path) ->
         | {"simotel": {"webhook": {"username": "simotel", "password": "secret",
                                    "allowed_ips": ["10.1.2.0/24"]}}},
     )  # fmt: skip
-    ing, broker, publisher = await start_ingress(untrusting)
+    ing = await start_ingress(untrusting)
     try:
         forged = await ing.client.post(
             "/webhooks/simotel/events",
@@ -351,9 +351,7 @@ async def test_trusted_proxy_forwarded_address(amqp_url: str, tmp_path: Path) ->
         )
         assert forged.status_code == 403
     finally:
-        await ing.client.aclose()
-        await publisher.close()
-        await broker.close()
+        await ing.aclose()
 
 
 async def test_cdr_consumer_gets_only_cdr_and_unbound_events_are_kept(

@@ -1,0 +1,380 @@
+"""The event sink: makes every accepted event durable before the ingress answers 200.
+
+Two modes. **broker**: `accept` publishes and waits for the broker's confirm. **spool**: `accept`
+appends to the local spool (`bridge.spool`), and a replayer task publishes the spool oldest first,
+with confirms, removing what the broker confirmed. The sink enters spool mode when a publish fails
+or the connection is known to be down, and leaves it only when the replayer finds the spool empty,
+checked under the same lock every append takes: while anything is spooled, new events queue
+behind it, so the events of one call keep their order.
+
+    accept(event) -> "broker" | "spool"     raises SpoolFull (a PublishError) -> 503
+
+Every wait is bounded: a publish by its timeout, the replayer's retries by a capped backoff.
+A restart replays whatever the spool holds (`start`). See docs/durability.md for the guarantees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal, ParamSpec, TypeVar
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from bridge.amqp import Publisher
+from bridge.config import Settings
+from bridge.errors import PublishError
+from bridge.spool import Spool, Spooled, SpoolFull
+from bridge.translate import OutgoingEvent
+
+__all__ = ["EventSink", "SpoolFull", "SpoolMetrics"]
+
+log = structlog.get_logger("bridge.sink")
+
+Mode = Literal["broker", "spool"]
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class SpoolMetrics:
+    """What an operator asks about the spool: how deep, how old, how much went through it."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.depth = Gauge("simotel_bridge_spool_depth", "Events in the local spool", registry=r)
+        self.bytes = Gauge("simotel_bridge_spool_bytes", "Bytes of events in the spool", registry=r)
+        self.oldest_age = Gauge(
+            "simotel_bridge_spool_oldest_age_seconds",
+            "Age of the oldest spooled event (0 when empty)",
+            registry=r,
+        )
+        self.mode = Gauge(
+            "simotel_bridge_spool_mode", "1 while new events go to the spool, 0 to the broker",
+            registry=r,
+        )  # fmt: skip
+        self.spooled = Counter(
+            "simotel_bridge_spooled",
+            "Events written to the spool, by why: broker_down, publish_failed, behind_spool",
+            ["reason"],
+            registry=r,
+        )
+        self.replayed = Counter(
+            "simotel_bridge_spool_replayed", "Spooled events published and confirmed", registry=r
+        )
+        self.replay_failures = Counter(
+            "simotel_bridge_spool_replay_failures",
+            "Replay attempts that failed (the events stay spooled)",
+            registry=r,
+        )
+        self.full = Counter(
+            "simotel_bridge_spool_full",
+            "Events refused (503) because the spool could not take them, by reason",
+            ["reason"],
+            registry=r,
+        )
+
+
+def ordered_window(batch: list[Spooled]) -> list[Spooled]:
+    """The longest prefix of `batch` with at most one event per call (per routing key for events
+    without a call id): these may be in flight together. Two events of one call never are, so
+    a failed publish can never let a later event of its call overtake it."""
+    seen: set[str] = set()
+    window = []
+    for s in batch:
+        key = f"call:{s.event.call_id}" if s.event.call_id else f"key:{s.event.routing_key}"
+        if key in seen:
+            break
+        seen.add(key)
+        window.append(s)
+    return window
+
+
+def cancelling() -> bool:
+    """Whether the current task is being cancelled. A CancelledError seen while it is not comes
+    from a future someone else cancelled (aiormq does so to the pending confirms of a connection
+    it closes): that is a failed publish, not a reason to stop."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+class EventSink:
+    """Publishes accepted events with confirms, spooling them when the broker cannot take them.
+
+    `spool` None means the spool is disabled: a failed publish then raises SpoolFull("disabled").
+    """
+
+    def __init__(
+        self,
+        publisher: Publisher,
+        spool: Spool | None,
+        metrics: SpoolMetrics,
+        *,
+        publish_timeout: float | None = None,
+        confirm_latency: Histogram | None = None,
+        replay_window: int = 64,
+        backoff: tuple[float, float] = (0.1, 5.0),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.publisher = publisher
+        self.spool = spool
+        self.metrics = metrics
+        self.publish_timeout = publish_timeout or publisher.timeout
+        self.confirm_latency = confirm_latency
+        self.replay_window = replay_window
+        self.backoff = backoff
+        self._clock = clock
+        self._mode: Mode = "broker"
+        self._lock = asyncio.Lock()  # held for every append and for leaving spool mode
+        self._wake = asyncio.Event()  # something was spooled
+        self._drained = asyncio.Event()  # broker mode, nothing spooled
+        self._drained.set()
+        self._stopping = asyncio.Event()  # close() was called
+        self._accepting = True
+        self._replayer: asyncio.Task[None] | None = None
+        self._probe = False  # whether the last replay attempt failed
+        self._disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
+        metrics.oldest_age.set_function(self.oldest_age)
+
+    @classmethod
+    async def open(
+        cls, settings: Settings, publisher: Publisher, metrics: SpoolMetrics, **kwargs: Any
+    ) -> EventSink:
+        """A started sink on the spool file of `settings.spool` (or none when disabled)."""
+        sink = cls(publisher, None, metrics, **kwargs)
+        if settings.spool.enabled:
+            s = settings.spool
+            sink.spool = await sink._run(
+                Spool, s.path, max_messages=s.max_messages, max_bytes=s.max_bytes
+            )
+        await sink.start()
+        return sink
+
+    # -- the ingress side -------------------------------------------------------------------
+
+    async def accept(self, event: OutgoingEvent) -> Mode:
+        """Make `event` durable: confirmed by the broker, or written to the spool."""
+        if not self._accepting:
+            raise SpoolFull("closed", "the sink is closed")
+        if self._mode == "broker" and self.publisher.ready:
+            try:
+                await self._publish(event)
+                return "broker"
+            except asyncio.CancelledError as exc:
+                if cancelling():
+                    raise
+                error: BaseException = exc  # aiormq cancels pending confirms on a lost connection
+            except Exception as exc:  # PublishError, or anything else: the event is not lost
+                error = exc
+            log.warning("publish failed, spooling", message_id=event.message_id, error=repr(error))
+            return await self._append(event, "publish_failed")
+        return await self._append(event, "behind_spool" if self._mode == "spool" else "broker_down")
+
+    def status(self) -> dict[str, Any]:
+        """For /readyz: where the next event goes, and the state of the spool."""
+        spool = self.spool
+        full = spool is not None and (
+            spool.depth >= spool.max_messages or spool.size_bytes >= spool.max_bytes
+        )
+        mode: str = self._mode if self.publisher.ready or spool is None else "spool"
+        if mode == "spool" and full:
+            mode = "full"
+        return {
+            "mode": mode,
+            "spool_enabled": self.spool is not None,
+            "spool_full": full,
+            "spool_depth": self.depth,
+            "oldest_age_s": round(self.oldest_age(), 3),
+        }
+
+    @property
+    def mode(self) -> Mode:
+        return self._mode
+
+    @property
+    def depth(self) -> int:
+        return 0 if self.spool is None else self.spool.depth
+
+    def oldest_age(self) -> float:
+        oldest = None if self.spool is None else self.spool.oldest_spooled_at
+        return 0.0 if oldest is None else max(0.0, self._clock() - oldest)
+
+    async def _publish(self, event: OutgoingEvent) -> None:
+        latency = await self.publisher.publish_raw(
+            event.exchange,
+            event.routing_key,
+            event.body,
+            event.properties(),
+            mandatory=False,  # the events exchange has an alternate exchange: nothing is dropped
+            timeout=self.publish_timeout,
+        )
+        if self.confirm_latency is not None:
+            self.confirm_latency.observe(latency)
+
+    async def _append(self, event: OutgoingEvent, reason: str) -> Mode:
+        spool = self.spool
+        if spool is None:
+            self.metrics.full.labels("disabled").inc()
+            raise SpoolFull("disabled", "the broker cannot take the event and there is no spool")
+        async with self._lock:
+            try:
+                await self._run(spool.append, event)
+            except SpoolFull as exc:
+                self.metrics.full.labels(exc.reason).inc()
+                log.error("spool full, refusing event", message_id=event.message_id, error=str(exc))
+                raise
+            if self._mode == "broker":
+                log.warning("events now go to the spool", reason=reason)
+            self._mode = "spool"
+            self._drained.clear()
+        self.metrics.spooled.labels(reason).inc()
+        self._gauges()
+        self._wake.set()
+        return "spool"
+
+    # -- the replayer -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the replayer. A non-empty spool (left by a previous run) is replayed first."""
+        if self.spool is not None and self.spool.depth:
+            self._mode = "spool"
+            self._drained.clear()
+            log.info("replaying the spool left by a previous run", depth=self.spool.depth)
+        self._gauges()
+        if self.spool is not None and self._replayer is None:
+            self._replayer = asyncio.create_task(self._replay_forever(), name="spool-replayer")
+
+    async def wait_drained(self, timeout: float) -> bool:
+        """Wait until the sink is back in broker mode with an empty spool (for shutdown and
+        tests). Returns False if the timeout passed first."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._drained.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def _replay_forever(self) -> None:
+        delay = self.backoff[0]
+        while not self._stopping.is_set():
+            if self._mode == "broker":
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                progressed = await self._replay_batch()
+            except asyncio.CancelledError as exc:
+                if cancelling():
+                    raise
+                self._probe = True
+                self.metrics.replay_failures.inc()
+                log.warning("replay cancelled by the connection, will retry", error=repr(exc))
+                progressed = False
+            except Exception as exc:
+                self._probe = True
+                self.metrics.replay_failures.inc()
+                log.warning("replay failed, will retry", error=str(exc), retry_in_s=delay)
+                progressed = False
+            if progressed:
+                delay = self.backoff[0]
+                continue
+            # Nothing went through: wait for the connection (or a close) with a capped backoff.
+            try:
+                await self._wait_for_broker(delay)
+            except Exception:  # the replayer must outlive anything unexpected: log and go on
+                log.exception("replayer: waiting for the broker failed")
+                await asyncio.sleep(delay)
+            delay = min(delay * 2, self.backoff[1])
+
+    async def _replay_batch(self) -> bool:
+        """Publish the oldest events and remove what was confirmed, in order. Returns whether
+        anything was replayed (or spool mode was left)."""
+        spool = self.spool
+        assert spool is not None
+        if not self.publisher.broker.ready:
+            return False
+        batch: list[Spooled] = await self._run(spool.peek, self.replay_window)
+        if not batch:
+            async with self._lock:
+                if spool.depth:
+                    return False  # the counters disagree with the file: retry with backoff
+                # Under the lock: no append can slip in between this check and the flip.
+                self._mode = "broker"
+                self._drained.set()
+            self._gauges()
+            log.info("spool drained, events go to the broker again")
+            return True
+        window = ordered_window(batch)
+        if self._probe:  # the last attempt failed: try the head alone before a whole window
+            window = window[:1]
+        results = await asyncio.gather(
+            *(self._publish(s.event) for s in window), return_exceptions=True
+        )
+        confirmed = 0
+        for r in results:
+            if isinstance(r, BaseException):  # a CancelledError here is a confirm aiormq dropped
+                log.warning("replay publish failed", error=repr(r))
+                break
+            confirmed += 1
+        # Only a confirmed prefix leaves the spool; anything confirmed after a failure is
+        # published again later (a duplicate with the same message_id, never a reordering).
+        if confirmed:
+            await self._run(spool.delete_through, window[confirmed - 1].seq)
+            self.metrics.replayed.inc(confirmed)
+            self._gauges()
+        self._probe = confirmed < len(window)
+        if self._probe:
+            self.metrics.replay_failures.inc()
+        return confirmed > 0
+
+    async def _wait_for_broker(self, bound: float) -> None:
+        """Return when the connection is back, close() is called, or `bound` seconds pass."""
+        waits = [
+            asyncio.ensure_future(asyncio.sleep(bound)),
+            asyncio.ensure_future(self._stopping.wait()),
+        ]
+        broker = self.publisher.broker
+        if not broker.ready:
+            try:
+                connected = broker.connection.connected
+            except PublishError:  # never connected yet: wait for the first connection
+                waits.append(asyncio.ensure_future(broker.wait_connected()))
+            else:
+                waits.append(asyncio.ensure_future(connected.wait()))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run a blocking spool call on the spool's own thread (one at a time, in order)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._disk, lambda: fn(*args, **kwargs))
+
+    def _gauges(self) -> None:
+        m = self.metrics
+        m.depth.set(self.depth)
+        m.bytes.set(0 if self.spool is None else self.spool.size_bytes)
+        m.mode.set(1 if self._mode == "spool" else 0)
+
+    async def close(self, drain_timeout: float = 5.0) -> None:
+        """Stop accepting, give the replayer `drain_timeout` seconds to empty the spool, then
+        stop it. Whatever is left stays in the spool for the next start."""
+        self._accepting = False
+        pending = self.spool is not None and drain_timeout > 0 and not self._drained.is_set()
+        if pending and not await self.wait_drained(drain_timeout):
+            log.warning("closing with events spooled", depth=self.depth)
+        self._stopping.set()
+        self._wake.set()
+        if self._replayer is not None:
+            self._replayer.cancel()
+            await asyncio.wait([self._replayer])  # its CancelledError is not ours to raise
+            self._replayer = None
+        if self.spool is not None:
+            await self._run(self.spool.close)
+        self._disk.shutdown(wait=False)  # the close above was its last job
