@@ -470,6 +470,47 @@ def make_result(cmd: Command, outcome: Outcome, attempts: int, duration_ms: int)
     )
 
 
+def delivery_count(env: Envelope) -> int:
+    """How often the quorum queue delivered this command before: its `x-delivery-count` header
+    (absent or 0 on the first delivery, then 1, 2, ... after each return, whether a nack with
+    requeue or a channel that closed with the command unacknowledged)."""
+    value = env.headers.get("x-delivery-count")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def is_last_delivery(env: Envelope, limit: int) -> bool:
+    """True when the queue will not deliver this command again: RabbitMQ (3.10+) dead-letters
+    a returned message whose count, after the return, exceeds `x-delivery-limit`, so a delivery
+    whose count already equals the limit is the last one (with limit 5: counts 0..5, six)."""
+    return delivery_count(env) >= limit
+
+
+def make_delivery_limit(
+    command_id: str,
+    action: str | None,
+    source: str | None,
+    *,
+    deliveries: int,
+    may_have_run: bool,
+) -> Result:
+    """The result of a command on its last allowed delivery that would otherwise be handed back
+    once more: `unknown` when it is not retry-safe and may already have reached Simotel, else
+    `error`; reason `delivery_limit` either way."""
+    if may_have_run:
+        status: Status = "unknown"
+        error = (
+            f"delivered {deliveries} times without finishing, and it may or may not have run: "
+            "not handed back again (amqp.commands_delivery_limit)"
+        )
+    else:
+        status = "error"
+        error = (
+            f"delivered {deliveries} times without finishing: not handed back again "
+            "(amqp.commands_delivery_limit)"
+        )
+    return Result(command_id, action, source, status, error=error, reason="delivery_limit")
+
+
 def needs_dead_letter(status: Status) -> bool:
     """Every command that does not end `ok` or `failed` also goes to the dead-letter exchange."""
     return status not in ("ok", "failed")

@@ -5,9 +5,16 @@ result, and only then acknowledges the command.
              -> _settle  (publish result + reply + dead letter, wait for confirms, ack)
 
 `_settle` is the one place that acks, hands back (nack + requeue) or dead-letters a command.
-A command is handed back when its result could not be confirmed by the broker, on shutdown,
-or when something unexpected broke; the quorum queue's delivery limit ends a command that keeps
-coming back.
+A result the broker does not confirm is published again with exponential backoff (for up to
+`publish_retry_for` seconds, or until shutdown) before the command is handed back; a command is
+also handed back on shutdown, or when something unexpected broke. On the last delivery the
+quorum queue allows (`x-delivery-count` = `amqp.commands_delivery_limit`), a command that would
+be handed back is settled instead, with a `delivery_limit` result and a dead letter, so the
+broker never dead-letters a command without a result while the worker can still publish one.
+
+Every message published for a command has a stable `message_id` derived from the command's:
+`{command_id}` for the result and the reply, `{command_id}:dead` for the dead letter, so a
+result published twice (after a hand-back and a redelivery) can be de-duplicated.
 
 Lanes: report searches (Endpoint.lane == "slow") run in their own pool of
 `worker.report_prefetch`, everything else in a pool of `worker.prefetch`, so slow searches never
@@ -21,6 +28,7 @@ Run it alone with `simotel-bridge worker -c config.yaml`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
@@ -48,8 +56,11 @@ from bridge.commands import (
     InvalidCommand,
     Result,
     build_request,
+    delivery_count,
     describe_invalid,
     is_expired,
+    is_last_delivery,
+    make_delivery_limit,
     make_result,
     needs_dead_letter,
     parse_command,
@@ -64,6 +75,9 @@ from bridge.simotel import SimotelClient
 log = structlog.get_logger("bridge.worker")
 
 _PURGE_EVERY = 3600.0
+PUBLISH_RETRY_FOR = 30.0  # seconds a result is re-published before the command is handed back
+PUBLISH_RETRY_DELAY = 0.25  # first pause between attempts; doubled each time
+PUBLISH_RETRY_MAX_DELAY = 5.0
 
 
 class WorkerMetrics:
@@ -84,6 +98,12 @@ class WorkerMetrics:
         self.handed_back = Counter(
             "simotel_bridge_commands_handed_back_total",
             "Commands returned to the queue (shutdown, unconfirmed result, unexpected error).",
+            registry=registry,
+        )
+        self.publish_failures = Counter(
+            "simotel_bridge_result_publish_failures_total",
+            "Attempts to publish a result (or its reply or dead letter) the broker did not "
+            "confirm; each is retried with backoff before the command is handed back.",
             registry=registry,
         )
         self.in_flight = Gauge(
@@ -131,6 +151,9 @@ class Worker:
         clients: Mapping[str, SimotelClient],
         store: StateStore,
         metrics: WorkerMetrics,
+        *,
+        publish_retry_for: float = PUBLISH_RETRY_FOR,
+        publish_retry_delay: float = PUBLISH_RETRY_DELAY,
     ) -> None:
         self.settings = settings
         self.broker = broker
@@ -138,6 +161,8 @@ class Worker:
         self.clients = clients
         self.store = store
         self.metrics = metrics
+        self.publish_retry_for = publish_retry_for
+        self.publish_retry_delay = publish_retry_delay
         w = settings.worker
         self._lanes = {
             "fast": asyncio.Semaphore(w.prefetch),
@@ -147,6 +172,7 @@ class Worker:
         self._parked: set[asyncio.Task[Any]] = set()
         self._inflight: dict[str, asyncio.Future[Result | None]] = {}
         self._stopping = False
+        self._stopped = asyncio.Event()  # set with _stopping: wakes publish retries up
         self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
         self._tag: ConsumerTag | None = None
@@ -170,6 +196,7 @@ class Worker:
         """Stop consuming, hand back what has not started, let the rest finish within
         `shutdown_grace`, cancel what is left (handed back), close the channel."""
         self._stopping = True
+        self._stopped.set()
         if self._queue is not None and self._tag is not None:
             try:
                 async with asyncio.timeout(5):
@@ -301,44 +328,18 @@ class Worker:
     async def _settle(
         self, message: AbstractIncomingMessage, env: Envelope, result: Result | None
     ) -> None:
-        """THE decision for a delivery: no result -> hand back; else publish the result (and
-        the reply, and a dead letter unless ok/failed), wait for the confirms, then ack. A
-        result the broker does not confirm hands the command back."""
+        """THE decision for a delivery: no result -> hand back (on the last allowed delivery,
+        a `delivery_limit` result instead); else publish the result (and the reply, and a dead
+        letter unless ok/failed), retrying until the broker confirms them, then ack. A result
+        that stays unconfirmed hands the command back."""
         if result is None:
-            self.metrics.handed_back.inc()
-            await self._finish(message, ack=False)
-            return
-        key = result_key(result.source, result.action)
-        body, ctype, headers = result_message(result)
-        amqp = self.settings.amqp
-
-        def result_msg() -> aio_pika.Message:
-            return json_message(
-                body,
-                message_id=uuid.uuid4().hex,
-                type="result",
-                headers=headers,
-                timestamp=time.time(),
-                correlation_id=env.correlation_id,
-                content_type=ctype,
-            )
-
-        try:
-            await self.publisher.publish(amqp.exchanges.results, key, result_msg(), mandatory=False)
-            if env.reply_to:
-                try:
-                    await self.publisher.publish("", env.reply_to, result_msg(), mandatory=True)
-                except Unroutable:
-                    log.warning("reply_to queue is gone, result only on the results exchange")
-            if needs_dead_letter(result.status):
-                await self.publisher.publish(amqp.exchanges.dead, key, dead_letter(env, result))
-        except PublishError as exc:
-            log.warning("result not confirmed, handing the command back", error=str(exc))
-            self.metrics.handed_back.inc()
-            await self._finish(message, ack=False)
-            return
-        except Exception:
-            log.exception("cannot publish the result, handing the command back")
+            if not is_last_delivery(env, self.settings.amqp.commands_delivery_limit):
+                self.metrics.handed_back.inc()
+                await self._finish(message, ack=False)
+                return
+            result = await self._delivery_limit_result(env)
+            log.warning("last delivery allowed: settling instead of handing back")
+        if not await self._publish_result(message, env, result):
             self.metrics.handed_back.inc()
             await self._finish(message, ack=False)
             return
@@ -353,6 +354,124 @@ class Worker:
             duration_ms=result.duration_ms,
         )
         await self._purge()
+
+    async def _publish_result(
+        self, message: AbstractIncomingMessage, env: Envelope, result: Result
+    ) -> bool:
+        """Publish the result, the reply and the dead letter until each is confirmed. Failed
+        attempts are retried with exponential backoff for up to `publish_retry_for` seconds;
+        False when that runs out, the worker is stopping, or the delivery's channel is gone
+        (the broker then redelivers it, and the stored result is published again)."""
+        key = result_key(result.source, result.action)
+        body, ctype, headers = result_message(result)
+        amqp = self.settings.amqp
+
+        def result_msg() -> aio_pika.Message:
+            return json_message(
+                body,
+                message_id=result.command_id,
+                type="result",
+                headers=headers,
+                timestamp=time.time(),
+                correlation_id=env.correlation_id,
+                content_type=ctype,
+            )
+
+        async def to_results() -> None:
+            await self.publisher.publish(amqp.exchanges.results, key, result_msg(), mandatory=False)
+
+        async def to_reply_to() -> None:
+            assert env.reply_to
+            try:
+                await self.publisher.publish("", env.reply_to, result_msg(), mandatory=True)
+            except Unroutable:
+                log.warning("reply_to queue is gone, result only on the results exchange")
+
+        async def to_dead() -> None:
+            await self.publisher.publish(amqp.exchanges.dead, key, dead_letter(env, result))
+
+        steps = [to_results]
+        if env.reply_to:
+            steps.append(to_reply_to)
+        if needs_dead_letter(result.status):
+            steps.append(to_dead)
+        task = asyncio.current_task()
+        assert task is not None
+        give_up_at = time.monotonic() + self.publish_retry_for
+        delay = self.publish_retry_delay
+        attempt = 0
+        while True:
+            attempt += 1
+            cancelling = task.cancelling()
+            try:
+                while steps:  # what is confirmed is not published again
+                    await steps[0]()
+                    steps.pop(0)
+                return True
+            except PublishError as exc:
+                error = str(exc)
+            except asyncio.CancelledError:
+                if task.cancelling() > cancelling:
+                    raise  # this task is being cancelled
+                # aiormq cancels the pending confirms when the connection drops
+                error = "confirm cancelled: the connection was lost"
+            except Exception as exc:
+                log.exception("publishing the result failed")
+                error = repr(exc)
+            self.metrics.publish_failures.inc()
+            left = give_up_at - time.monotonic()
+            if self._stopping or left <= 0 or message.channel.is_closed:
+                log.warning(
+                    "result not confirmed, handing the command back",
+                    error=error,
+                    attempts=attempt,
+                    stopping=self._stopping,
+                )
+                return False
+            pause = min(delay, left)
+            log.warning(
+                "result not confirmed, retrying", error=error, attempt=attempt, retry_in=pause
+            )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pause):
+                    await self._stopped.wait()
+            delay = min(delay * 2, PUBLISH_RETRY_MAX_DELAY)
+
+    async def _delivery_limit_result(self, env: Envelope) -> Result:
+        """The answer for a command on its last allowed delivery: its stored result if it has
+        one, else `delivery_limit` (`unknown` if it is not retry-safe and may have been sent).
+        It is stored, so a later duplicate of its message_id gets the same answer."""
+        sources = self.clients.keys()
+        action, source = describe_invalid(env, sources)
+        deliveries = delivery_count(env) + 1
+        try:
+            cmd: Command | None = parse_command(env, sources)
+        except InvalidCommand:
+            cmd = None
+        mid = cmd.message_id if cmd is not None else None
+        if cmd is None or mid is None:
+            command_id = env.message_id or uuid.uuid4().hex
+            return make_delivery_limit(
+                command_id, action, source, deliveries=deliveries, may_have_run=False
+            )
+        try:
+            record = await self.store.get(mid)
+        except Exception:
+            log.exception("state store unreadable")
+            record = None
+            may_have_run = not cmd.retry_safe
+        else:
+            may_have_run = not cmd.retry_safe and record is not None
+        if record is not None and record.state == "done" and record.result is not None:
+            return Result.from_json(record.result)
+        result = make_delivery_limit(
+            mid, cmd.action, cmd.source, deliveries=deliveries, may_have_run=may_have_run
+        )
+        try:
+            await self.store.finish(mid, cmd.source, cmd.action, result.to_json())
+        except Exception:
+            log.exception("cannot store the delivery_limit result")
+        return result
 
     async def _finish(self, message: AbstractIncomingMessage, *, ack: bool) -> None:
         try:
@@ -370,7 +489,11 @@ class Worker:
         now = time.time()
         if now - self._purged_at >= _PURGE_EVERY:
             self._purged_at = now
-            removed = await self.store.purge(now)
+            try:
+                removed = await self.store.purge(now)
+            except Exception:
+                log.exception("cannot purge the state store")
+                return
             if removed:
                 log.info("state store purged", removed=removed)
 
@@ -414,7 +537,7 @@ def dead_letter(env: Envelope, result: Result) -> aio_pika.Message:
     }
     return json_message(
         env.body,
-        message_id=env.message_id or result.command_id,
+        message_id=f"{result.command_id}:dead",
         type="dead-command",
         headers={k: v for k, v in headers.items() if v is not None},
         timestamp=time.time(),

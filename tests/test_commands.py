@@ -19,8 +19,11 @@ from bridge.commands import (
     Result,
     build_request,
     command_deadline,
+    delivery_count,
     describe_invalid,
     interpret,
+    is_last_delivery,
+    make_delivery_limit,
     needs_dead_letter,
     parse_command,
     parse_result,
@@ -362,6 +365,34 @@ def test_result_store_roundtrip_and_dead_letter_rule() -> None:
 
 
 # --- rate limit and backoff ------------------------------------------------------------------
+
+
+def test_delivery_count_and_last_delivery() -> None:
+    """RabbitMQ 3.10 quorum queues: no header (or 0) on the first delivery, 1, 2, ... after each
+    return; a return that takes the count past x-delivery-limit dead-letters the message."""
+    body = {"action": "setting/ping/act"}
+    first, zero = env(body), env(body, headers={"x-delivery-count": 0})
+    assert delivery_count(first) == delivery_count(zero) == 0
+    assert delivery_count(env(body, headers={"x-delivery-count": "5"})) == 0  # not a count
+    counts = [env(body, headers={"x-delivery-count": n}) for n in range(1, 7)]
+    assert [delivery_count(e) for e in counts] == [1, 2, 3, 4, 5, 6]
+    assert not is_last_delivery(first, 5)
+    assert [is_last_delivery(e, 5) for e in counts] == [False] * 4 + [True] * 2
+    assert is_last_delivery(zero, 0) and not is_last_delivery(zero, 1)
+
+
+def test_delivery_limit_results() -> None:
+    gone = make_delivery_limit(
+        "c1", "pbx/users/search", "simotel", deliveries=6, may_have_run=False
+    )
+    sent = make_delivery_limit(
+        "c2", "call/originate/act", "simotel", deliveries=6, may_have_run=True
+    )
+    assert (gone.status, gone.reason, gone.attempts) == ("error", "delivery_limit", 0)
+    assert (sent.status, sent.reason) == ("unknown", "delivery_limit")
+    assert gone.error is not None and "delivered 6 times" in gone.error
+    assert sent.error is not None and "may or may not have run" in sent.error
+    assert needs_dead_letter(gone.status) and needs_dead_letter(sent.status)
 
 
 def test_token_bucket() -> None:

@@ -22,6 +22,7 @@ import orjson
 import uvicorn
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from conftest import make_settings
+from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
@@ -29,9 +30,11 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from bridge import topology
+from bridge.amqp import Broker, Publisher
 from bridge.commands import Result, parse_result
 from bridge.config import Settings
-from bridge.worker import run_worker
+from bridge.dedupe import StateStore
+from bridge.worker import Worker, WorkerMetrics, make_clients, run_worker
 
 API_USER, API_PASS, API_KEY = "apiuser", "api-secret", "the-api-key"
 WAIT = 10.0  # bound on any single wait in these tests
@@ -175,11 +178,18 @@ def api_settings(url: str, **overrides: Any) -> dict[str, Any]:
 
 
 def worker_settings(
-    amqp_url: str, tmp_path: Path, url: str, *, worker: dict[str, Any] | None = None, **api: Any
+    amqp_url: str,
+    tmp_path: Path,
+    url: str,
+    *,
+    worker: dict[str, Any] | None = None,
+    amqp: dict[str, Any] | None = None,
+    **api: Any,
 ) -> Settings:
     return make_settings(
         amqp_url,
         tmp_path,
+        amqp={"url": amqp_url, "publish_timeout": 5.0, **(amqp or {})},
         sources={
             "simotel": {
                 "webhook": {"username": "simotel", "password": "secret"},
@@ -200,6 +210,37 @@ async def running_worker(settings: Settings) -> AsyncIterator[asyncio.Event]:
     finally:
         stop.set()
         await asyncio.wait_for(task, settings.worker.shutdown_grace + WAIT)
+
+
+@contextlib.asynccontextmanager
+async def assembled_worker(
+    settings: Settings,
+    make_publisher: Callable[[Broker], Publisher] = Publisher,
+    *,
+    registry: CollectorRegistry | None = None,
+    **options: Any,
+) -> AsyncIterator[Worker]:
+    """The worker put together as `run_worker` does, with a publisher of the test's choosing
+    (e.g. one that fails some publishes before the real ones), its metrics on `registry`, and
+    `Worker` options."""
+    broker = Broker(settings.amqp, name="test worker")
+    await broker.connect()
+    metrics = WorkerMetrics(registry or CollectorRegistry())
+    publisher = make_publisher(broker)
+    clients = make_clients(settings, metrics)
+    store = StateStore(settings.worker.state_path, ttl_seconds=3600, owner="test")
+    worker = Worker(settings, broker, publisher, clients, store, metrics, **options)
+    try:
+        await publisher.start()
+        await worker.start()
+        yield worker
+    finally:
+        await worker.shutdown()
+        for client in clients.values():
+            await client.aclose()
+        store.close()
+        await publisher.close()
+        await broker.close()
 
 
 class Bus:
