@@ -3,7 +3,8 @@ simulator (`simotel-bridge simulate`), so the demo shows live call routing end t
 
 Simulated dialplan: SmartApi "s1" greets and asks for a choice, SmartApi "s2" routes on the
 digit (1: IVR, 2: an extension picked by ExtenApi, else the queue); ExtenApi picks an agent;
-IvrApi sends menu choice 1 to the queue and anything else to an extension.
+IvrApi sends menu choice 1 to the queue and anything else to an extension; TrunkApi dials
+the number asked for.
 
     .venv/bin/python examples/demo_dialplan.py --amqp amqp://guest:guest@127.0.0.1/
 """
@@ -24,6 +25,7 @@ from bridge.responder import (
     IvrApiAnswer,
     Responder,
     SmartApiAnswer,
+    TrunkApiAnswer,
 )
 from bridge.smartapi import Exit, GetData, PlayAnnouncement
 
@@ -43,6 +45,11 @@ async def pick_agent(req: ComponentRequest) -> Answer:
     return ExtenApiAnswer(next(_agents))
 
 
+async def dial_out(req: ComponentRequest) -> Answer:
+    """TrunkApi (the originate scenario): dial the number asked for, for at most 5 minutes."""
+    return TrunkApiAnswer("SimotelTrunk", req.dst, 300)
+
+
 async def ivr(req: ComponentRequest) -> Answer:
     return IvrApiAnswer("1" if req.data == "1" else "2")
 
@@ -58,7 +65,8 @@ async def main(url: str) -> None:
         await responder.subscribe("SmartApi", "s2", route)
         await responder.subscribe("ExtenApi", "ExtenApi", pick_agent)
         await responder.subscribe("IvrApi", "IvrApi", ivr)
-        print("demo_dialplan: answering SmartApi s1/s2, ExtenApi and IvrApi", flush=True)
+        await responder.subscribe("TrunkApi", "TrunkApi", dial_out)
+        print("demo_dialplan: answering SmartApi s1/s2, ExtenApi, IvrApi, TrunkApi", flush=True)
         await stop.wait()
 
 
