@@ -126,8 +126,23 @@ class Broker:
             await connection.close()
             raise
         self._connection = connection
+        if declare:
+            connection.reconnect_callbacks.add(self._redeclare)
         self._up.set()
         log.info("broker connected", connection=self.name)
+
+    async def _redeclare(self, connection: Any) -> None:
+        """After every reconnect: declare the topology again, so a broker that lost its
+        definitions (a new node, a reset) gets them back without a restart of the bridge."""
+        try:
+            channel = await self.connection.channel()
+            try:
+                await topology.declare(channel, self.settings)
+            finally:
+                await channel.close()
+            log.info("broker reconnected", connection=self.name)
+        except Exception as exc:  # the next reconnect tries again
+            log.warning("declaring the topology after a reconnect failed", error=repr(exc))
 
     async def _connect_forever(self, declare: bool) -> None:
         delay = 0.5

@@ -102,6 +102,15 @@ def build(amqp: AmqpSettings) -> Topology:
     )
 
 
+def queue(amqp: AmqpSettings, name: str) -> Queue:
+    """The declaration of one of the topology's queues (for consumers that declare it on a
+    robust channel, so it is restored with them after a reconnect)."""
+    for q in build(amqp).queues:
+        if q.name == name:
+            return q
+    raise KeyError(name)
+
+
 async def declare(channel: AbstractChannel, amqp: AmqpSettings) -> Topology:
     """Declare every exchange, queue and binding; safe to run at every start."""
     topo = build(amqp)

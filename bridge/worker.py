@@ -48,6 +48,7 @@ from aio_pika.abc import (
 )
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from bridge import topology
 from bridge.amqp import Broker, Publisher, Unroutable, json_message
 from bridge.commands import (
     STATUSES,
@@ -186,8 +187,12 @@ class Worker:
     async def start(self) -> None:
         await self._purge()
         self._channel = await self.broker.channel(prefetch=self.window, confirms=False)
-        self._queue = await self._channel.get_queue(
-            self.settings.amqp.queues.commands, ensure=False
+        # Declared (not just looked up) on the robust channel, with the topology's arguments:
+        # aio-pika restores the queue and this consumer after a reconnect only for queues
+        # declared this way (a queue from get_queue(ensure=False) is silently dropped).
+        spec = topology.queue(self.settings.amqp, self.settings.amqp.queues.commands)
+        self._queue = await self._channel.declare_queue(
+            spec.name, durable=True, arguments=spec.arguments
         )
         self._tag = await self._queue.consume(self._on_message)
         log.info("worker consuming", queue=self._queue.name, window=self.window)
@@ -420,7 +425,7 @@ class Worker:
                 error = repr(exc)
             self.metrics.publish_failures.inc()
             left = give_up_at - time.monotonic()
-            if self._stopping or left <= 0 or message.channel.is_closed:
+            if self._stopping or left <= 0 or _channel_gone(message):
                 log.warning(
                     "result not confirmed, handing the command back",
                     error=error,
@@ -496,6 +501,15 @@ class Worker:
                 return
             if removed:
                 log.info("state store purged", removed=removed)
+
+
+def _channel_gone(message: AbstractIncomingMessage) -> bool:
+    """Whether the channel a delivery came on is closed (aio-pika raises, rather than
+    answering, once it is): its unacked deliveries are going back to the queue."""
+    try:
+        return message.channel.is_closed
+    except aio_pika.exceptions.ChannelInvalidStateError:
+        return True
 
 
 def make_rejected(cmd: Command, reason: str, detail: str) -> Result:

@@ -55,6 +55,12 @@ class Bridge:
         self.proc.send_signal(sig)
         return await asyncio.wait_for(self.proc.wait(), 30)
 
+    async def kill(self) -> None:
+        """Whatever happened in the test, no bridge process outlives it."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
 
 def write_config(tmp_path: Path, url: str, port: int) -> Path:
     config = {
@@ -103,8 +109,26 @@ async def test_starts_without_broker_survives_sigkill_and_delivers_all(
     port = free_port()
     config = write_config(tmp_path, url, port)
     first = Bridge(config, port, tmp_path / "bridge-1.log")
-    await first.start()  # no broker: it starts anyway, because it can spool
+    second = Bridge(config, port, tmp_path / "bridge-2.log")
+    try:
+        got, sent = await _run_scenario(private_broker, first, second)
+    finally:
+        await first.kill()
+        await second.kill()
+    assert [m.message_id for m in got] == sent  # all of them, once, in the order sent
+    assert [orjson.loads(m.body)["n"] for m in got] == list(range(40))
+    log = (tmp_path / "bridge-2.log").read_text()
+    assert "secret" not in log and "guest:guest" not in log
+
+
+async def _run_scenario(
+    private_broker: PrivateBroker, first: Bridge, second: Bridge
+) -> tuple[list[Any], list[str]]:
+    """Bridge 1 starts with no broker and spools 30 events, is SIGKILLed; bridge 2 starts on
+    the same spool (still no broker) and takes 10 more; then the broker starts."""
+    url = private_broker.url
     sent: list[str] = []
+    await first.start()  # no broker: it starts anyway, because it can spool
     async with httpx.AsyncClient(timeout=10) as client:
         ready = await client.get(f"{first.base}/readyz")
         assert (ready.status_code, ready.json()["mode"]) == (200, "spool")
@@ -113,7 +137,6 @@ async def test_starts_without_broker_survives_sigkill_and_delivers_all(
             sent.append(await send(client, first.base, "call-1", n))
         assert await first.signal(signal.SIGKILL) == -signal.SIGKILL
 
-        second = Bridge(config, port, tmp_path / "bridge-2.log")
         await second.start()  # the spool the first one left is the second one's to replay
         for n in range(30, 40):
             sent.append(await send(client, second.base, "call-1", n))
@@ -128,7 +151,4 @@ async def test_starts_without_broker_survives_sigkill_and_delivers_all(
         assert ready.json()["broker"] == "connected"
         assert ready.json()["spool_depth"] == 0
     assert await second.signal(signal.SIGTERM) == 0
-    assert [m.message_id for m in got] == sent  # all of them, once, in the order sent
-    assert [orjson.loads(m.body)["n"] for m in got] == list(range(40))
-    log = (tmp_path / "bridge-2.log").read_text()
-    assert "secret" not in log and "guest:guest" not in log
+    return got, sent
