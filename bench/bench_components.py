@@ -85,7 +85,14 @@ class DirectComponents:
     """The equivalent handler without the bridge: same request value, same routing function,
     same answer validation."""
 
-    async def handle(self, source: str, component: str, fields: dict[str, Any]) -> dict[str, Any]:
+    async def handle(
+        self,
+        source: str,
+        component: str,
+        fields: dict[str, Any],
+        *,
+        received_at: float | None = None,
+    ) -> dict[str, Any]:
         req = ComponentRequest(
             source=source,
             component=component,
