@@ -18,6 +18,7 @@ import aio_pika.exceptions
 import aiormq
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.connection import make_url
 from aiormq import spec
 
 from bridge import topology
@@ -102,19 +103,25 @@ class Broker:
 
     async def _connect_once(self, declare: bool) -> None:
         url = self.settings.url.get_secret_value()
+        # Made here rather than by connect_robust, so that an attempt that fails or times out
+        # is closed: an abandoned robust connection would go on connecting in the background.
+        connection = _BackoffConnection(
+            make_url(
+                url,
+                heartbeat=self.settings.heartbeat,
+                reconnect_interval=_BackoffConnection.RECONNECT_BASE,
+            ),
+            client_properties={"connection_name": self.name},
+        )
         try:
-            connection = await asyncio.wait_for(
-                aio_pika.connect_robust(
-                    url,
-                    heartbeat=self.settings.heartbeat,
-                    reconnect_interval=_BackoffConnection.RECONNECT_BASE,
-                    client_properties={"connection_name": self.name},
-                    connection_class=_BackoffConnection,
-                ),
-                timeout=self.settings.connect_timeout,
-            )
+            async with asyncio.timeout(self.settings.connect_timeout):
+                await connection.connect()
         except (TimeoutError, *aio_pika.exceptions.CONNECTION_EXCEPTIONS) as exc:
+            await connection.close()
             raise PublishError(f"cannot connect to the broker: {exc!r}") from exc
+        except BaseException:
+            await connection.close()
+            raise
         try:
             if declare:
                 channel = await connection.channel()

@@ -231,7 +231,14 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
         for i, segment in enumerate(path):
             key = _match_key(node, segment)
             if i == len(path) - 1:
-                node[key] = _env_value(value)
+                try:
+                    node[key] = _env_value(value)
+                except yaml.YAMLError:
+                    # The value may be a secret: the problem is reported without it.
+                    dotted = ".".join(path).lower()
+                    raise ConfigError(
+                        [(dotted, f"{name} starts like a YAML list or mapping but is not one")]
+                    ) from None
             else:
                 child = node.get(key)
                 if not isinstance(child, dict):

@@ -40,6 +40,9 @@ async def serve(
     config = uvicorn.Config(
         app,
         lifespan="off",
+        # The app decides whom to believe (http.trusted_proxies); uvicorn's default would
+        # rewrite the client address from X-Forwarded-For for any peer on 127.0.0.1.
+        proxy_headers=False,
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=max(1, round(graceful)),

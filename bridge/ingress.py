@@ -117,7 +117,8 @@ def client_address(request: Request, proxies: tuple[IpNetwork, ...]) -> str | No
         return peer
     if not _in(peer, proxies):
         return peer
-    forwarded = request.headers.get("x-forwarded-for")
+    # Every X-Forwarded-For line, in order: a proxy may add its own line after the client's.
+    forwarded = ",".join(request.headers.getlist("x-forwarded-for"))
     if not forwarded:
         return peer
     for hop in reversed([h.strip() for h in forwarded.split(",") if h.strip()]):

@@ -75,13 +75,17 @@ async def serve(settings: Settings, roles: frozenset[str], stop: asyncio.Event) 
         publisher = Publisher(broker)
         await publisher.start()
         stack.push_async_callback(publisher.close)
-        sink = await EventSink.open(
-            settings,
-            publisher,
-            SpoolMetrics(metrics.registry),
-            confirm_latency=metrics.confirm_latency,
-        )
-        stack.push_async_callback(sink.close, 5.0)
+        if ingress:
+            sink = await EventSink.open(
+                settings,
+                publisher,
+                SpoolMetrics(metrics.registry),
+                confirm_latency=metrics.confirm_latency,
+            )
+            stack.push_async_callback(sink.close, 5.0)
+        else:
+            # A worker takes no events: it must not open (and lock) the ingress's spool file.
+            sink = EventSink(publisher, None, SpoolMetrics(metrics.registry))
         components: ComponentRpc | None = None
         if ingress:
             components = ComponentRpc(

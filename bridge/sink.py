@@ -166,6 +166,11 @@ class EventSink:
                 if cancelling():
                     raise
                 error: BaseException = exc  # aiormq cancels pending confirms on a lost connection
+            except ValueError as exc:
+                # aiormq refuses it before sending (a routing key over 255 bytes): it never could
+                # be published, so spooling it would only block the spool's head. translate
+                # keeps such events out; this is the last line.
+                raise SpoolFull("error", f"the event cannot be published: {exc}") from exc
             except Exception as exc:  # PublishError, or anything else: the event is not lost
                 error = exc
             log.warning("publish failed, spooling", message_id=event.message_id, error=repr(error))

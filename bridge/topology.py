@@ -33,7 +33,8 @@ def event_key(source: str, event: str) -> str:
 
 
 def component_key(source: str, component: str, app_name: str | None) -> str:
-    return f"{source}.{component}.{sanitise(app_name or '')}"
+    """`app_name` is sanitised and cut to 128 characters: a routing key is 255 bytes at most."""
+    return f"{source}.{component}.{sanitise(app_name or '')[:128]}"
 
 
 def command_key(source: str, action: str) -> str:

@@ -132,24 +132,41 @@ def parse_payload(content_type: str, body: bytes, query_string: str) -> Payload:
     return Payload(fields=fields, form=form, raw=raw)
 
 
+# Routing keys are at most 255 bytes (source names at most 32), and AMQP headers must fit one
+# frame: longer names and call ids are not Simotel's, and would block the spool's head.
+MAX_EVENT_NAME = 200
+MAX_CALL_ID = 128
+
+
 def event_name(fields: dict[str, Any], path_name: str | None) -> str:
     """Rest mode: the name in the path. G mode: `event_name`, else `event` (Survey)."""
+    name = None
     if path_name:
-        return canonical_event(path_name)
-    for key in _NAME_KEYS:
-        value = fields.get(key)
-        if isinstance(value, str) and value.strip():
-            return canonical_event(value.strip())
-    raise WebhookError(
-        400, "no_event_name", "no event name: send event_name, or use /events/{Name}"
-    )
+        name = canonical_event(path_name)
+    else:
+        for key in _NAME_KEYS:
+            value = fields.get(key)
+            if isinstance(value, str) and value.strip():
+                name = canonical_event(value.strip())
+                break
+    if name is None:
+        raise WebhookError(
+            400, "no_event_name", "no event name: send event_name, or use /events/{Name}"
+        )
+    if len(name) > MAX_EVENT_NAME:
+        raise WebhookError(400, "event_name_too_long", f"event names are {MAX_EVENT_NAME} at most")
+    return name
 
 
 def call_id(fields: dict[str, Any]) -> str | None:
+    """`unique_id`, else `cuid`, as text; None when absent, empty, or too long to be a call id
+    (the value stays in the body either way)."""
     for key in _CALL_ID_KEYS:
         value = fields.get(key)
-        if isinstance(value, str | int | float) and not isinstance(value, bool) and str(value):
-            return str(value)
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            text = str(value)
+            if text and len(text) <= MAX_CALL_ID:
+                return text
     return None
 
 

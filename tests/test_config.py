@@ -154,3 +154,11 @@ def test_environment_values_stay_strings_unless_a_list_or_mapping() -> None:
     assert hook.allowed_ips == ("10.0.0.0/8", "192.168.1.0/24")
     assert settings.http.port == 9090
     assert settings.spool.enabled is False
+
+
+def test_a_broken_yaml_value_in_the_environment_is_reported_without_the_value() -> None:
+    env = {"SIMOTEL_BRIDGE__SOURCES__S__WEBHOOK__PASSWORD": "[S3cr3t-pa55"}
+    with pytest.raises(ConfigError) as info:
+        load_settings(data={"sources": {"s": {"webhook": {"username": "u"}}}}, environ=env)
+    assert info.value.problems[0][0] == "sources.s.webhook.password"
+    assert "S3cr3t" not in str(info.value)

@@ -274,6 +274,8 @@ async def test_refusals_publish_nothing(
                 (413, "too_large", await c.post(
                     "/webhooks/simotel/events",
                     json={"event_name": "Cdr", "pad": "x" * 3000}, auth=AUTH)),
+                (400, "event_name_too_long", await c.post(
+                    "/webhooks/simotel/events/" + "X" * 300, json={"a": "1"}, auth=AUTH)),
             ]:  # fmt: skip
                 cases.append((status, reason, response))
             # The sentinel: published after every refusal on the same channel, so if any
@@ -326,6 +328,14 @@ async def test_trusted_proxy_forwarded_address(amqp_url: str, tmp_path: Path) ->
             auth=AUTH,
             headers={"x-forwarded-for": "10.1.2.3, 192.0.2.9"},
         )
+        # The same hops as two header lines (a proxy adding its own line after the client's).
+        two_lines = await ing.client.post(
+            "/webhooks/simotel/events",
+            json=body,
+            auth=AUTH,
+            headers=[("x-forwarded-for", "10.1.2.3"), ("x-forwarded-for", "192.0.2.9")],
+        )
+        assert two_lines.status_code == 403
         direct = await ing.client.post("/webhooks/simotel/events", json=body, auth=AUTH)
         assert allowed.status_code == 200
         assert spoofed.status_code == 403  # the nearest untrusted hop is 192.0.2.9

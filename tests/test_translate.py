@@ -166,3 +166,16 @@ def test_direct_properties_match_the_message() -> None:
         assert getattr(direct, name) == getattr(via_message, name), name
     assert direct.timestamp is not None and via_message.timestamp is not None
     assert int(direct.timestamp.timestamp()) == int(via_message.timestamp.timestamp())
+
+
+def test_names_and_call_ids_that_could_not_travel_are_kept_out() -> None:
+    """A routing key is 255 bytes at most and headers must fit one frame: an over-long event
+    name is refused (400) before anything could be spooled; an over-long call id is left out
+    of the headers (it stays in the body)."""
+    with pytest.raises(WebhookError) as info:
+        translate.event_name({}, "X" * (translate.MAX_EVENT_NAME + 1))
+    assert (info.value.status, info.value.reason) == (400, "event_name_too_long")
+    assert translate.event_name({}, "X" * translate.MAX_EVENT_NAME) == "X" * 200
+    assert translate.call_id({"unique_id": "1" * 129, "cuid": "2.2"}) == "2.2"
+    assert translate.call_id({"unique_id": "1" * 300_000}) is None
+    assert translate.call_id({"unique_id": "1" * 128}) == "1" * 128
