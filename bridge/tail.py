@@ -22,6 +22,7 @@ from bridge import topology
 from bridge.config import Settings
 
 _MAX_BACKLOG = 10_000  # a slow terminal drops the oldest messages instead of filling the broker
+_WINDOW = 256  # messages handed to this process before it has printed them
 _RESET, _DIM, _BOLD = "\x1b[0m", "\x1b[2m", "\x1b[1m"
 _COLOURS = {"event": "\x1b[36m", "ok": "\x1b[32m", "failed": "\x1b[33m", "bad": "\x1b[31m"}
 
@@ -126,6 +127,9 @@ async def tail(
     printed = 0
     async with connection:
         channel = await connection.channel()
+        # Acked once printed, with a bounded window: a slow terminal leaves the backlog in the
+        # broker, where the queue's length bound drops the oldest, instead of in this process.
+        await channel.set_qos(prefetch_count=_WINDOW)
         # Only the exchanges tail binds to (and the events' alternate exchange) are declared,
         # with the same arguments as every role uses.
         for e in topology.build(settings.amqp).exchanges:
@@ -143,7 +147,7 @@ async def tail(
         async def on_message(message: AbstractIncomingMessage) -> None:
             await inbox.put((message.exchange or "", message))
 
-        await queue.consume(on_message, no_ack=True)
+        await queue.consume(on_message)
         if ready is not None:
             ready.set()
         stopper = asyncio.ensure_future(stop.wait()) if stop is not None else None
@@ -164,6 +168,7 @@ async def tail(
                 )
                 out.write(line + "\n")
                 out.flush()
+                await message.ack()
                 printed += 1
         finally:
             for pending in (getter, stopper):
