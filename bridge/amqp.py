@@ -9,6 +9,7 @@ its timeout: it never hangs, whatever the broker does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from typing import Any, cast
@@ -114,8 +115,11 @@ class Broker:
             client_properties={"connection_name": self.name},
         )
         try:
-            async with asyncio.timeout(self.settings.connect_timeout):
-                await connection.connect()
+            # The timeout given to connect() also bounds every later reconnect attempt: without
+            # one, an attempt whose handshake never completes (a node still booting after a
+            # crash) hangs, and the connection never comes back.
+            async with asyncio.timeout(self.settings.connect_timeout + 1):
+                await connection.connect(timeout=self.settings.connect_timeout)
         except (TimeoutError, *aio_pika.exceptions.CONNECTION_EXCEPTIONS) as exc:
             await connection.close()
             raise PublishError(f"cannot connect to the broker: {exc!r}") from exc
@@ -186,6 +190,7 @@ class Publisher:
         self.timeout = timeout if timeout is not None else broker.settings.publish_timeout
         self._channel: AbstractChannel | None = None
         self._lock = asyncio.Lock()
+        self._closing: set[asyncio.Task[None]] = set()
 
     @property
     def ready(self) -> bool:
@@ -236,6 +241,7 @@ class Publisher:
         """
         limit = self.timeout if timeout is None else timeout
         started = time.perf_counter()
+        channel: AbstractChannel | None = None
         try:
             async with asyncio.timeout(limit):
                 channel = self._channel
@@ -258,8 +264,10 @@ class Publisher:
         except aio_pika.exceptions.DeliveryError as exc:
             raise PublishError(f"broker refused the message: {exc!r}") from exc
         except TimeoutError as exc:
+            self._forget(channel)
             raise PublishError(f"not confirmed within {limit:.3g}s") from exc
         except (*aio_pika.exceptions.CONNECTION_EXCEPTIONS,) as exc:
+            self._forget(channel)
             raise PublishError(f"broker connection failed: {exc!r}") from exc
         except asyncio.CancelledError as exc:
             # aiormq cancels the pending confirms of a connection that dropped; only a
@@ -267,12 +275,36 @@ class Publisher:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise
+            self._forget(channel)
             raise PublishError("the connection dropped before the confirm") from exc
         return time.perf_counter() - started
+
+    def _forget(self, channel: AbstractChannel | None) -> None:
+        """A publish failed while the connection is up: do not trust this channel again.
+
+        aio-pika restores a robust channel after a reconnect, but not always: a channel whose
+        close callback failed while the connection went down can stay un-restored, and every
+        publish on it then times out for the rest of the process (seen after a broker
+        SIGKILL). The next publish opens a fresh channel instead. While the broker is down the
+        channel is kept: a reconnect restores it, or the first failure after it is forgotten.
+        """
+        if channel is None or channel is not self._channel or not self.broker.ready:
+            return
+        self._channel = None
+        log.warning("publisher channel replaced after a failed publish")
+        task = asyncio.ensure_future(_close_quietly(channel))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
         if self._channel is not None and not self._channel.is_closed:
             await self._channel.close()
+
+
+async def _close_quietly(channel: AbstractChannel) -> None:
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(5):
+            await channel.close()
 
 
 def json_message(
