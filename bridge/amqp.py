@@ -79,6 +79,7 @@ class Broker:
         self._connection: AbstractRobustConnection | None = None
         self._up = asyncio.Event()
         self._connector: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Future[None]] = set()
 
     @property
     def connection(self) -> AbstractRobustConnection:
@@ -142,16 +143,24 @@ class Broker:
         self._up.set()
         log.info("broker connected", connection=self.name)
 
-    async def _redeclare(self, connection: Any) -> None:
+    def _redeclare(self, connection: Any) -> None:
         """After every reconnect: declare the topology again, so a broker that lost its
-        definitions (a new node, a reset) gets them back without a restart of the bridge."""
+        definitions (a new node, a reset) gets them back without a restart of the bridge.
+        In the background and bounded: aio-pika awaits this callback inside its reconnection,
+        and a quorum queue still recovering after a crash can make a declaration wait."""
+        log.info("broker reconnected", connection=self.name)
+        task = asyncio.ensure_future(self._declare_again())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _declare_again(self) -> None:
         try:
-            channel = await self.connection.channel()
-            try:
-                await topology.declare(channel, self.settings)
-            finally:
-                await channel.close()
-            log.info("broker reconnected", connection=self.name)
+            async with asyncio.timeout(30):
+                channel = await self.connection.channel()
+                try:
+                    await topology.declare(channel, self.settings)
+                finally:
+                    await channel.close()
         except Exception as exc:  # the next reconnect tries again
             log.warning("declaring the topology after a reconnect failed", error=repr(exc))
 
@@ -292,7 +301,7 @@ class Publisher:
             return
         self._channel = None
         log.warning("publisher channel replaced after a failed publish")
-        task = asyncio.ensure_future(_close_quietly(channel))
+        task = asyncio.ensure_future(close_quietly(channel))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
@@ -301,7 +310,8 @@ class Publisher:
             await self._channel.close()
 
 
-async def _close_quietly(channel: AbstractChannel) -> None:
+async def close_quietly(channel: AbstractChannel) -> None:
+    """Close a channel that may be broken, bounded, ignoring errors."""
     with contextlib.suppress(Exception):
         async with asyncio.timeout(5):
             await channel.close()

@@ -44,12 +44,12 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
     AbstractQueue,
+    AbstractRobustChannel,
     ConsumerTag,
 )
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from bridge import topology
-from bridge.amqp import Broker, Publisher, Unroutable, json_message
+from bridge.amqp import Broker, Publisher, Unroutable, close_quietly, json_message
 from bridge.commands import (
     STATUSES,
     Command,
@@ -187,15 +187,54 @@ class Worker:
     async def start(self) -> None:
         await self._purge()
         self._channel = await self.broker.channel(prefetch=self.window, confirms=False)
-        # Declared (not just looked up) on the robust channel, with the topology's arguments:
-        # aio-pika restores the queue and this consumer after a reconnect only for queues
-        # declared this way (a queue from get_queue(ensure=False) is silently dropped).
-        spec = topology.queue(self.settings.amqp, self.settings.amqp.queues.commands)
-        self._queue = await self._channel.declare_queue(
-            spec.name, durable=True, arguments=spec.arguments
+        await self._consume()
+        # aio-pika does not restore this consumer (the queue is looked up, not declared, so a
+        # quorum queue that is still recovering after a broker crash cannot hold up the whole
+        # reconnection): consume again, in the background, whenever the channel reopens.
+        if isinstance(self._channel, AbstractRobustChannel):
+            self._channel.reopen_callbacks.add(self._on_reopened)
+
+    async def _consume(self) -> None:
+        assert self._channel is not None
+        self._queue = await self._channel.get_queue(
+            self.settings.amqp.queues.commands, ensure=False
         )
         self._tag = await self._queue.consume(self._on_message)
         log.info("worker consuming", queue=self._queue.name, window=self.window)
+
+    def _on_reopened(self, _: object) -> None:
+        if self._stopping:
+            return
+        task = asyncio.create_task(self._consume_again(), name="worker-reconsume")
+        self._parked.add(task)
+        task.add_done_callback(self._parked.discard)
+
+    async def _consume_again(self) -> None:
+        """Consume on the reopened channel, retrying (each attempt bounded) until it works or
+        the worker stops: the queue may still be recovering right after a broker restart."""
+        delay = 0.5
+        while not self._stopping:
+            try:
+                async with asyncio.timeout(10):
+                    if self._channel is None:
+                        self._channel = await self.broker.channel(
+                            prefetch=self.window, confirms=False
+                        )
+                        if isinstance(self._channel, AbstractRobustChannel):
+                            self._channel.reopen_callbacks.add(self._on_reopened)
+                    await self._consume()
+                return
+            except Exception as exc:
+                log.warning("cannot consume yet, retrying", error=repr(exc), retry_in_s=delay)
+                # aiormq closes a channel whose consume RPC timed out, while the robust wrapper
+                # still looks open: the next attempt gets a channel of its own.
+                old, self._channel = self._channel, None
+                if old is not None:
+                    closing = asyncio.create_task(close_quietly(old))
+                    self._parked.add(closing)
+                    closing.add_done_callback(self._parked.discard)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
     async def shutdown(self) -> None:
         """Stop consuming, hand back what has not started, let the rest finish within
