@@ -10,12 +10,15 @@ import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aio_pika
 import pytest
 
 from bridge.config import Settings, load_settings
+
+if TYPE_CHECKING:
+    from tests.test_worker_support import Bus, FakeSimotel
 
 # Simotel's documented payloads (events and component requests/answers), one JSON file each.
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -85,3 +88,31 @@ async def amqp(amqp_url: str) -> AsyncIterator[aio_pika.abc.AbstractRobustConnec
         yield conn
     finally:
         await conn.close()
+
+
+# The worker tests' collaborators, shared by test_worker*.py.
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeSimotel]:
+    """A fake Simotel over real HTTP, recording every request it receives."""
+    from tests.test_worker_support import FakeSimotel  # it imports this module
+
+    server = FakeSimotel()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+def cfg(amqp_url: str, tmp_path: Path, fake: FakeSimotel) -> Settings:
+    from tests.test_worker_support import worker_settings
+
+    return worker_settings(amqp_url, tmp_path, fake.url)
+
+
+@pytest.fixture
+async def bus(amqp: aio_pika.abc.AbstractRobustConnection, cfg: Settings) -> Bus:
+    from tests.test_worker_support import Bus
+
+    return await Bus(amqp, cfg).start()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import socket
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -40,26 +39,6 @@ ORIGINATE = {
     "timeout": "30",
 }
 BASIC = "Basic " + base64.b64encode(f"{API_USER}:{API_PASS}".encode()).decode()
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeSimotel]:
-    server = FakeSimotel()
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-@pytest.fixture
-def cfg(amqp_url: str, tmp_path: Path, fake: FakeSimotel) -> Settings:
-    return worker_settings(amqp_url, tmp_path, fake.url)
-
-
-@pytest.fixture
-async def bus(amqp: AbstractRobustConnection, cfg: Settings) -> Bus:
-    return await Bus(amqp, cfg).start()
 
 
 async def test_ok_originate_exact_request(fake: FakeSimotel, cfg: Settings, bus: Bus) -> None:

@@ -64,16 +64,6 @@ class WorkerProcess:
 
 
 @pytest.fixture
-async def fake() -> AsyncIterator[FakeSimotel]:
-    server = FakeSimotel()
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-@pytest.fixture
 def config(amqp_url: str, tmp_path: Path, fake: FakeSimotel) -> Path:
     path = tmp_path / "config.yaml"
     data = {

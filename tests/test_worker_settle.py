@@ -12,7 +12,7 @@ RabbitMQ (a fresh vhost per test) and a fake Simotel over real HTTP:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,26 +36,6 @@ from test_worker_support import (
 from bridge.amqp import Broker, Publisher
 from bridge.config import Settings
 from bridge.errors import PublishError
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeSimotel]:
-    server = FakeSimotel()
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-@pytest.fixture
-def cfg(amqp_url: str, tmp_path: Path, fake: FakeSimotel) -> Settings:
-    return worker_settings(amqp_url, tmp_path, fake.url)
-
-
-@pytest.fixture
-async def bus(amqp: AbstractRobustConnection, cfg: Settings) -> Bus:
-    return await Bus(amqp, cfg).start()
 
 
 class FlakyPublisher(Publisher):
