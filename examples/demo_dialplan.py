@@ -7,6 +7,9 @@ IvrApi sends menu choice 1 to the queue and anything else to an extension; Trunk
 the number asked for.
 
     .venv/bin/python examples/demo_dialplan.py --amqp amqp://guest:guest@127.0.0.1/
+
+It prints one line per routed call (`route`), so the demo's screen shows live call routing
+beside the events and the command results.
 """
 
 from __future__ import annotations
@@ -15,8 +18,12 @@ import argparse
 import asyncio
 import itertools
 import signal
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import datetime
 
 import aio_pika
+import orjson
 
 from bridge.responder import (
     Answer,
@@ -30,6 +37,23 @@ from bridge.responder import (
 from bridge.smartapi import Exit, GetData, PlayAnnouncement
 
 _agents = itertools.cycle(("101", "102", "103"))
+Handler = Callable[[ComponentRequest], Awaitable[Answer]]
+
+
+def shown(handler: Handler) -> Handler:
+    """The handler, printing each request it answers and the answer it gave."""
+
+    async def answer(req: ComponentRequest) -> Answer:
+        result = await handler(req)
+        when = datetime.now().strftime("%H:%M:%S")
+        head = "\x1b[34mroute \x1b[0m" if sys.stdout.isatty() else "route "
+        key = f"{req.source}.{req.component}.{req.app_name}"
+        asked = f"from={req.src} to={req.dst}" + (f" digits={req.data}" if req.data else "")
+        gave = orjson.dumps(result.to_json()).decode()
+        print(f"{when} {head} {' ' * 9}{key}  {asked} -> {gave}", flush=True)
+        return result
+
+    return answer
 
 
 async def greet(req: ComponentRequest) -> Answer:
@@ -61,12 +85,11 @@ async def main(url: str) -> None:
         loop.add_signal_handler(sig, stop.set)
     connection = await aio_pika.connect_robust(url)
     async with connection, Responder(connection) as responder:
-        await responder.subscribe("SmartApi", "s1", greet)
-        await responder.subscribe("SmartApi", "s2", route)
-        await responder.subscribe("ExtenApi", "ExtenApi", pick_agent)
-        await responder.subscribe("IvrApi", "IvrApi", ivr)
-        await responder.subscribe("TrunkApi", "TrunkApi", dial_out)
-        print("demo_dialplan: answering SmartApi s1/s2, ExtenApi, IvrApi, TrunkApi", flush=True)
+        await responder.subscribe("SmartApi", "s1", shown(greet))
+        await responder.subscribe("SmartApi", "s2", shown(route))
+        await responder.subscribe("ExtenApi", "ExtenApi", shown(pick_agent))
+        await responder.subscribe("IvrApi", "IvrApi", shown(ivr))
+        await responder.subscribe("TrunkApi", "TrunkApi", shown(dial_out))
         await stop.wait()
 
 

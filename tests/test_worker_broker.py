@@ -179,10 +179,9 @@ async def stopped(proc: asyncio.subprocess.Process, then: Awaitable[Any]) -> Non
 
 
 SIGKILL_OPEN = (
-    "open: after the single RabbitMQ 3.10 node is SIGKILLed, its quorum queue simotel.commands "
-    "sometimes stays unavailable to basic.consume for over a minute (each 10 s consume attempt "
-    "times out; the worker keeps retrying and logs it), so the test's wait runs out; seen in "
-    "about 1 run in 2. Graceful stops always recover."
+    "RabbitMQ 3.10 on a single node: after a SIGKILL its quorum queue can stay unavailable to "
+    "basic.consume for over a minute while it recovers; the worker keeps retrying and logs it, "
+    "but this test's wait may run out first (graceful stops always recover)"
 )
 
 
