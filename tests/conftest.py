@@ -48,6 +48,17 @@ def vhost() -> Iterator[str]:
     )
 
 
+# A test that uses one of these fixtures needs RabbitMQ: it is marked `broker` by that alone, so
+# `-m "not broker"` runs exactly the tests that need no broker, and no file has to remember it.
+BROKER_FIXTURES = frozenset({"vhost", "private_broker"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if BROKER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.broker)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     for p in _pending_deletes:
         p.wait(timeout=60)
