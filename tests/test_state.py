@@ -28,6 +28,7 @@ from bridge.state import (
     bound_result,
     open_state_store,
 )
+from bridge.state.postgres import PostgresStateStore
 from bridge.state.sqlite import SqliteStateStore
 
 Opener = Callable[..., Awaitable[StateStore]]
@@ -284,3 +285,26 @@ def test_state_url_must_be_postgresql(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(data={**base, "worker": {"state_url": "mysql://u:hunter2@db/x"}}, environ={})
     assert "worker.state_url" in str(info.value) and "hunter2" not in str(info.value)
+
+
+@pytest.mark.postgres
+async def test_postgres_claims_commit_synchronously_whatever_the_server_default(
+    pg_url: str,
+) -> None:
+    """A database configured with synchronous_commit = off (a common speed-up) still gets
+    durable claims: every pooled connection turns it on for its session."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        dbname = conn.info.dbname
+        conn.execute(f'ALTER DATABASE "{dbname}" SET synchronous_commit = off')
+    with psycopg.connect(pg_url, autocommit=True) as conn:  # the default now applies
+        row = conn.execute("SHOW synchronous_commit").fetchone()
+        assert row is not None and row[0] == "off"
+    settings = WorkerSettings.model_validate({"state_url": pg_url})
+    store = await open_state_store(settings, owner="w")
+    try:
+        assert isinstance(store, PostgresStateStore)
+        async with store._pool.connection() as conn:
+            cur = await conn.execute("SHOW synchronous_commit")
+            assert await cur.fetchone() == ("on",)
+    finally:
+        await store.aclose()
