@@ -7,6 +7,7 @@ its own connection(s), so what one sees of the other goes through the database."
 from __future__ import annotations
 
 import asyncio
+import socket
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -308,3 +309,15 @@ async def test_postgres_claims_commit_synchronously_whatever_the_server_default(
             assert await cur.fetchone() == ("on",)
     finally:
         await store.aclose()
+
+
+async def test_an_unreachable_database_is_a_clear_error_without_the_password() -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"postgresql://bridge:hunter2@127.0.0.1:{port}/state"
+    with pytest.raises(StateError, match=f"port={port}") as info:
+        await PostgresStateStore.open(url, ttl_seconds=60, owner="w", timeout=1.0)
+    assert "hunter2" not in str(info.value)
+    with pytest.raises(StateError, match="cannot be parsed"):
+        await PostgresStateStore.open("postgresql://[bad", ttl_seconds=60, owner="w")

@@ -24,7 +24,7 @@ import psycopg
 import structlog
 from psycopg import AsyncConnection
 from psycopg.conninfo import conninfo_to_dict
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from bridge.state import (
     Record,
@@ -148,6 +148,9 @@ class PostgresStateStore:
         timeout: float = POOL_TIMEOUT,
     ) -> PostgresStateStore:
         """Connect (waiting up to `timeout` for the first connection), migrate, return."""
+        where = describe(url)
+        if "url" in where:
+            raise StateError("worker.state_url cannot be parsed as a PostgreSQL URL")
         pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
             url,
             min_size=1,
@@ -162,6 +165,12 @@ class PostgresStateStore:
             await pool.open(wait=True, timeout=timeout)
             async with pool.connection() as conn:
                 found = await migrate(conn)
+        except PoolTimeout as exc:
+            await pool.close()
+            place = " ".join(f"{k}={v}" for k, v in where.items())
+            raise StateError(
+                f"cannot connect to the state database ({place}) within {timeout:g} s"
+            ) from exc
         except BaseException:
             await pool.close()
             raise
@@ -171,7 +180,7 @@ class PostgresStateStore:
             schema_version=SCHEMA_VERSION,
             migrated_from=found,
             pool_size=pool_size,
-            **describe(url),
+            **where,
         )
         return cls(pool, ttl_seconds=ttl_seconds, owner=owner, max_result_bytes=max_result_bytes)
 
