@@ -281,6 +281,10 @@ def test_state_url_must_be_postgresql(tmp_path: Path) -> None:
     base = {"sources": {"s": {"webhook": {"allow_unauthenticated": True}}}}
     ok = load_settings(data={**base, "worker": {"state_url": "postgresql://u:pw@db/x"}}, environ={})
     assert ok.worker.state_url is not None and "pw" not in repr(ok.worker)
+    env = {"SIMOTEL_BRIDGE__WORKER__STATE_URL": "postgresql://u:pw@db/x"}
+    from_env = load_settings(data=base, environ=env)
+    assert from_env.worker.state_url is not None
+    assert from_env.worker.state_url.get_secret_value() == "postgresql://u:pw@db/x"
     empty = load_settings(data={**base, "worker": {"state_url": ""}}, environ={})
     assert empty.worker.state_url is None
     with pytest.raises(ConfigError) as info:
