@@ -192,6 +192,21 @@ class WorkerSettings(_Model):
     # Where results of executed commands are kept for de-duplication by message_id.
     state_path: str = "var/worker-state.sqlite3"
     state_ttl_hours: float = Field(72.0, gt=0)
+    # Shared command state (bridge/state): when set, PostgreSQL at this URL instead of the
+    # SQLite file at state_path, so workers on several hosts run each message_id once.
+    state_url: SecretStr | None = None
+    state_pool_size: int = Field(4, ge=1, le=100)  # PostgreSQL connections per worker process
+    # A stored result over this size keeps a marker instead of its response.
+    max_stored_result_bytes: int = Field(1024 * 1024, ge=4096, le=64 * 1024 * 1024)
+
+    @field_validator("state_url")
+    @classmethod
+    def _postgres_url(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is None or not v.get_secret_value():
+            return None  # empty: the SQLite file
+        if not v.get_secret_value().startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL")  # the value is not echoed
+        return v
 
 
 class SpoolSettings(_Model):

@@ -69,9 +69,9 @@ from bridge.commands import (
     result_message,
 )
 from bridge.config import Settings
-from bridge.dedupe import StateStore
 from bridge.errors import ConfigError, PublishError
 from bridge.simotel import SimotelClient
+from bridge.state import StateStore, open_state_store
 
 log = structlog.get_logger("bridge.worker")
 
@@ -639,11 +639,7 @@ async def run_worker(
     publisher = Publisher(broker)
     clients = make_clients(settings, metrics, transport)
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    store = StateStore(
-        settings.worker.state_path,
-        ttl_seconds=settings.worker.state_ttl_hours * 3600,
-        owner=owner,
-    )
+    store = await open_state_store(settings.worker, owner=owner)
     worker = Worker(settings, broker, publisher, clients, store, metrics)
     try:
         await publisher.start()
@@ -653,7 +649,7 @@ async def run_worker(
         await worker.shutdown()
         for client in clients.values():
             await client.aclose()
-        store.close()
+        await store.aclose()
         await publisher.close()
         if own_broker:
             await broker.close()

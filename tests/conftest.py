@@ -127,3 +127,23 @@ async def bus(amqp: aio_pika.abc.AbstractRobustConnection, cfg: Settings) -> Bus
     from tests.test_worker_support import Bus
 
     return await Bus(amqp, cfg).start()
+
+
+# PostgreSQL (the shared command state): a database of its own per test on the machine's server,
+# dropped afterwards. Tests that use it carry the `postgres` marker.
+PG_SERVER = os.environ.get("SIMOTEL_BRIDGE_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """The URL of a fresh, empty PostgreSQL database; dropped (connections and all) after."""
+    import psycopg
+
+    name = f"sbtest_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True, connect_timeout=10) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{PG_SERVER}/{name}"
+    finally:
+        with psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True, connect_timeout=10) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
