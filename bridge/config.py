@@ -96,6 +96,13 @@ class HttpSettings(_Model):
     max_body_bytes: int = Field(1_048_576, ge=1024)
     # Peers whose X-Forwarded-For header is believed. Empty: the socket address is the client.
     trusted_proxies: tuple[str, ...] = ()
+    # The listener's own limits (docs/security.md): request line and headers together, one
+    # header line, seconds to receive the headers and then the body, open connections.
+    max_header_bytes: int = Field(32_768, ge=1024, le=1_048_576)
+    max_header_line_bytes: int = Field(8_192, ge=256, le=1_048_576)
+    header_timeout_s: float = Field(10.0, gt=0, le=300)
+    body_timeout_s: float = Field(10.0, gt=0, le=600)
+    max_connections: int = Field(1024, ge=1, le=100_000)
 
     @field_validator("trusted_proxies")
     @classmethod
