@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 import sys
@@ -334,3 +335,27 @@ def test_the_deploy_readme_environment_examples_mean_what_the_readme_says() -> N
     values = dict(pairs)
     assert values["SIMOTEL_BRIDGE__SOURCES__SIMOTEL__API__API_KEY"] == "123456"
     assert '"quotes"' in values["SIMOTEL_BRIDGE__SOURCES__SIMOTEL__API__PASSWORD"]
+
+
+def test_the_security_docs_state_the_real_limits_and_defaults() -> None:
+    """docs/security.md's table of limits names real `http.*` keys with their real defaults,
+    and config.example.yaml shows the same defaults."""
+    from bridge.config import HttpSettings
+
+    text = (ROOT / "docs" / "security.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `http\.(\w+)` \| ([0-9.]+)", text, re.M)
+    assert {key for key, _ in rows} >= {
+        "max_header_bytes",
+        "max_header_line_bytes",
+        "header_timeout_s",
+        "body_timeout_s",
+        "max_connections",
+        "max_body_bytes",
+    }
+    defaults = HttpSettings()
+    example = yaml.safe_load((ROOT / "config.example.yaml").read_text(encoding="utf-8"))["http"]
+    for key, documented in rows:
+        assert float(documented) == getattr(defaults, key), key
+        assert example[key] == getattr(defaults, key), key
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "docs/security.md" in readme.split("## Security", 1)[1].split("\n## ", 1)[0]
