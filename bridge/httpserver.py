@@ -238,8 +238,12 @@ class _GuardedProtocol(HttpToolsProtocol):
         log.info("connection refused", reason=reason, status=status, peer=peer)
         if self.transport.is_closing():
             return
+        # Answer only a request that has none yet: the current one, or a new request's
+        # headers on a kept-alive connection. After an early answer (e.g. 401 before the body
+        # was read), the connection is just closed.
         cycle = self.cycle
-        if cycle is None or not cycle.response_started or cycle.response_complete:
+        waiting = cycle is None or not cycle.response_started
+        if waiting or (self._in_headers and cycle is not None and cycle.response_complete):
             body = orjson.dumps({"error": reason, "detail": detail})
             self.transport.write(
                 b"".join(

@@ -441,3 +441,22 @@ async def test_an_ipv4_client_of_a_dual_stack_listener_matches_an_ipv4_allow_lis
                 headers={"authorization": AUTH},
             )
         assert resp.status_code == 200, resp.text
+
+
+async def test_a_body_that_stalls_after_an_early_answer_gets_one_answer_and_a_close(
+    amqp_url: str, tmp_path: Path
+) -> None:
+    settings = _settings(amqp_url, tmp_path)  # body_timeout_s: 1
+    async with served(settings) as srv:
+        reader, writer = await asyncio.open_connection(srv.host, srv.port)
+        # Wrong credentials: 401 before the body is read; the body then never comes.
+        writer.write(
+            b"POST /webhooks/simotel/events HTTP/1.1\r\nHost: bridge\r\n"
+            b"Authorization: Basic Zm9vOmJhcg==\r\nContent-Length: 100\r\n\r\n{"
+        )
+        await writer.drain()
+        answer = await _read_all(reader)
+        writer.close()
+        assert _status(answer) == 401
+        assert answer.count(b"HTTP/1.1 ") == 1, answer
+        assert srv.rejected("body_timeout") == 1
