@@ -338,6 +338,8 @@ _NO_WEBHOOK = (
 def _yaml_problem(exc: yaml.YAMLError) -> str:
     """Where and what, never the text: PyYAML's message quotes the offending line, which may
     hold a password. Quoted fragments of its problem text are cut for the same reason."""
+    if isinstance(exc, yaml.reader.ReaderError):  # a control character in the file
+        return f"character {exc.position + 1}: {exc.reason}"
     mark = getattr(exc, "problem_mark", None)
     problem = getattr(exc, "problem", None) or "syntax error"
     problem = re.sub(r"'[^']{4,}'", "'…'", str(problem))
@@ -364,6 +366,9 @@ def load_settings(
                 text = Path(path).read_text(encoding="utf-8")
             except OSError as exc:
                 raise ConfigError([("(file)", f"cannot read {path}: {exc.strerror}")]) from exc
+            except UnicodeDecodeError as exc:
+                where = f"byte {exc.start}"
+                raise ConfigError([("(file)", f"{path} is not UTF-8 text ({where})")]) from None
             try:
                 loaded = yaml.safe_load(text)
             except yaml.YAMLError as exc:

@@ -297,6 +297,7 @@ async def serve(
         lifespan="off",
         http=protocol,
         ws="none",  # no WebSocket route: no upgrade handling either
+        server_header=False,  # no "server: uvicorn" on every answer
         # The app decides whom to believe (http.trusted_proxies); uvicorn's default would
         # rewrite the client address from X-Forwarded-For for any peer on 127.0.0.1.
         proxy_headers=False,

@@ -284,6 +284,16 @@ def test_a_yaml_error_names_line_and_column_but_never_the_text(tmp_path: Path) -
     text = str(info.value)
     assert "line 5, column" in text
     assert "Zq9" not in text and "S3cr3t" not in text and "oops" not in text
+    nul = tmp_path / "nul.yaml"
+    nul.write_bytes(b"sources: {s: {webhook: {username: u, password: Zq9\x00S3cr3t}}}\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(nul, environ={})
+    assert "Zq9" not in str(info.value) and "character 51" in str(info.value)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"sources: {s: {webhook: {username: u, password: Zq9\xe9S3cr3t}}}\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(latin, environ={})
+    assert "Zq9" not in str(info.value) and "not UTF-8" in str(info.value)
     quoted = tmp_path / "quoted.yaml"
     quoted.write_text("amqp:\n  url: 'amqp://u:Zq9-S3cr3t@h/\nsources: {}\n")
     with pytest.raises(ConfigError) as info:
