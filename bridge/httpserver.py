@@ -129,9 +129,16 @@ class _GuardedProtocol(HttpToolsProtocol):
             if self._in_headers and not self._refused and not self.transport.is_closing():
                 self._refuse(431, "header_too_large", f"the headers are over {limit} bytes")
 
+    def _unsupported_upgrade_warning(self) -> None:
+        # No WebSocket is served (ws="none"): an Upgrade header is answered as plain HTTP,
+        # without uvicorn's two warning lines per request (anyone could flood the log).
+        return None
+
     # Parser callbacks
 
     def on_message_begin(self) -> None:
+        if self._refused:
+            return
         super().on_message_begin()
         self._early_done = False
         self._start_header_timer()

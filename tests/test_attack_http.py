@@ -460,3 +460,20 @@ async def test_a_body_that_stalls_after_an_early_answer_gets_one_answer_and_a_cl
         assert _status(answer) == 401
         assert answer.count(b"HTTP/1.1 ") == 1, answer
         assert srv.rejected("body_timeout") == 1
+
+
+async def test_an_upgrade_request_is_plain_http_and_logs_nothing(
+    amqp_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = _settings(amqp_url, tmp_path)
+    async with served(settings) as srv:
+        reader, writer = await asyncio.open_connection(srv.host, srv.port)
+        writer.write(
+            b"GET /healthz HTTP/1.1\r\nHost: bridge\r\nConnection: Upgrade, close\r\n"
+            b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        answer = await _read_all(reader)
+        writer.close()
+    assert _status(answer) == 200, answer
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
