@@ -10,6 +10,7 @@ import base64
 import contextlib
 import logging
 import os
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -426,6 +427,17 @@ def test_ipv4_mapped_addresses_match_ipv4_cidrs() -> None:
     )
 
 
+def _dual_stack() -> bool:
+    """Whether this machine can listen on `::` and take IPv4 clients there."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::", 0))
+            return sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _dual_stack(), reason="no dual-stack IPv6 socket here")
 async def test_an_ipv4_client_of_a_dual_stack_listener_matches_an_ipv4_allow_list(
     amqp_url: str, tmp_path: Path
 ) -> None:
