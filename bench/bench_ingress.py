@@ -77,7 +77,10 @@ async def prepare(url: str) -> None:
     from bridge.amqp import Broker
     from bridge.config import load_settings
 
-    settings = load_settings(data={"amqp": {"url": url}, "sources": {"simotel": {}}}, environ={})
+    source = {"webhook": {"allow_unauthenticated": True}}
+    settings = load_settings(
+        data={"amqp": {"url": url}, "sources": {"simotel": source}}, environ={}
+    )
     broker = Broker(settings.amqp)
     await broker.connect()
     ch = await broker.channel(confirms=False)

@@ -11,10 +11,12 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -35,6 +37,29 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# C0 controls (tab, CR, LF, NUL...), DEL and C1 controls. A secret file saved with a trailing
+# newline is the usual way one gets in; it would reach an HTTP header or a URL, where the
+# protocol library's error then quotes the secret.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _printable(value: SecretStr) -> SecretStr:
+    if _CONTROL.search(value.get_secret_value()):
+        raise ValueError("contains a control character (a trailing newline?); value not shown")
+    return value
+
+
+def _printable_name(value: str | None) -> str | None:
+    if value is not None and _CONTROL.search(value):
+        raise ValueError("contains a control character (a trailing newline?)")
+    return value
+
+
+# Every secret setting is a Secret: hidden in reprs and refused with a control character in it.
+Secret = Annotated[SecretStr, AfterValidator(_printable)]
+Name = Annotated[str | None, AfterValidator(_printable_name)]
+
+
 class Exchanges(_Model):
     events: str = "simotel.events"
     components: str = "simotel.components"
@@ -51,7 +76,7 @@ class Queues(_Model):
 
 
 class AmqpSettings(_Model):
-    url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    url: Secret = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
     # Seconds to wait for a publisher confirm before the publish counts as failed.
     publish_timeout: float = Field(2.0, gt=0, le=60)
     # Seconds to wait for the first connection at start-up before giving up.
@@ -71,6 +96,13 @@ class HttpSettings(_Model):
     max_body_bytes: int = Field(1_048_576, ge=1024)
     # Peers whose X-Forwarded-For header is believed. Empty: the socket address is the client.
     trusted_proxies: tuple[str, ...] = ()
+    # The listener's own limits (docs/security.md): request line and headers together, one
+    # header line, seconds to receive the headers and then the body, open connections.
+    max_header_bytes: int = Field(32_768, ge=1024, le=1_048_576)
+    max_header_line_bytes: int = Field(8_192, ge=256, le=1_048_576)
+    header_timeout_s: float = Field(10.0, gt=0, le=300)
+    body_timeout_s: float = Field(10.0, gt=0, le=600)
+    max_connections: int = Field(1024, ge=1, le=100_000)
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -87,8 +119,8 @@ class LogSettings(_Model):
 
 
 class WebhookAuth(_Model):
-    username: str | None = None
-    password: SecretStr | None = None
+    username: Name = None
+    password: Secret | None = None
     allow_unauthenticated: bool = False
     # CIDRs allowed to call the webhooks of this source. Empty: any address.
     allowed_ips: tuple[str, ...] = ()
@@ -116,9 +148,9 @@ class WebhookAuth(_Model):
 
 class ApiSettings(_Model):
     base_url: str = "http://127.0.0.1:8081/api/v4/"
-    username: str | None = None
-    password: SecretStr | None = None
-    api_key: SecretStr | None = None
+    username: Name = None
+    password: Secret | None = None
+    api_key: Secret | None = None
     # basic, apikey or both (Simotel's recommended mode); must match the Simotel API account.
     auth: Literal["basic", "apikey", "both"] = "both"
     verify_tls: bool = True
@@ -178,7 +210,8 @@ class ComponentSettings(_Model):
 
 
 class SourceSettings(_Model):
-    webhook: WebhookAuth = WebhookAuth(allow_unauthenticated=True)
+    # Required: a source is open only if it says `allow_unauthenticated: true` (CONTRACT §6).
+    webhook: WebhookAuth
     api: ApiSettings | None = None
     components: ComponentSettings = ComponentSettings()
 
@@ -237,7 +270,13 @@ class Settings(_Model):
 
 def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
     """Put every `SIMOTEL_BRIDGE__A__B=v` into data["a"]["b"]. A segment matches an existing
-    key case-insensitively, with `_` also matching `-` (source names may hold a dash)."""
+    key case-insensitively, with `_` also matching `-` (source names may hold a dash).
+
+    A value is taken literally, as a string (validation converts `9090` or `true` where the key
+    wants a number or a switch), so a password such as `123456`, `yes`, `'x'` or `[x` stays
+    exactly what it is. Only a key that holds a list or a mapping (e.g. `allowed_ips`) reads
+    its value as YAML: `[10.0.0.0/8, 192.168.0.0/16]`. deploy/README.md states the same rule,
+    and tests/test_config.py checks the README's examples against this function."""
     for name, value in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX):
             continue
@@ -246,14 +285,7 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
         for i, segment in enumerate(path):
             key = _match_key(node, segment)
             if i == len(path) - 1:
-                try:
-                    node[key] = _env_value(value)
-                except yaml.YAMLError:
-                    # The value may be a secret: the problem is reported without it.
-                    dotted = ".".join(path).lower()
-                    raise ConfigError(
-                        [(dotted, f"{name} starts like a YAML list or mapping but is not one")]
-                    ) from None
+                node[key] = _env_value(name, path, value)
             else:
                 child = node.get(key)
                 if not isinstance(child, dict):
@@ -262,13 +294,45 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
                 node = child
 
 
-def _env_value(value: str) -> Any:
-    """An environment value is a string (validation converts `9090` or `true` where the key
-    wants a number or a switch), so a password such as `123456` or `yes` stays what it is.
-    Only a YAML flow list or mapping (`[10.0.0.0/8, 192.168.0.0/16]`) is parsed."""
-    if value.strip().startswith(("[", "{")):
+def _env_value(name: str, path: list[str], value: str) -> Any:
+    if not _holds_collection(path):
+        return value
+    try:
         return yaml.safe_load(value)
-    return value
+    except yaml.YAMLError:
+        # Reported without the value, which may hold a secret (e.g. amqp URLs).
+        dotted = ".".join(path).lower()
+        raise ConfigError([(dotted, f"{name} is not a YAML list or mapping")]) from None
+
+
+def _holds_collection(path: list[str]) -> bool:
+    """Whether the setting at `path` (environment segments) is a list or a mapping."""
+    node: Any = Settings
+    for segment in path:
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            field = node.model_fields.get(segment.lower())
+            if field is None:
+                return False
+            node = field.annotation
+        elif get_origin(node) is dict:
+            node = get_args(node)[1]
+        else:
+            return False
+        node = _unwrap(node)
+    return node in (list, tuple, dict) or get_origin(node) in (list, tuple, dict)
+
+
+def _unwrap(annotation: Any) -> Any:
+    """`X` out of `Annotated[X, ...]` and `X | None`."""
+    while True:
+        if get_origin(annotation) is Annotated:
+            annotation = get_args(annotation)[0]
+            continue
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        if get_origin(annotation) in (Union, UnionType) and len(args) == 1:
+            annotation = args[0]
+            continue
+        return annotation
 
 
 def _match_key(node: dict[str, Any], segment: str) -> str:
@@ -277,6 +341,26 @@ def _match_key(node: dict[str, Any], segment: str) -> str:
         if key.lower() == wanted or key.lower().replace("-", "_") == wanted:
             return key
     return wanted
+
+
+_NO_WEBHOOK = (
+    "required: set username and password, or allow_unauthenticated: true to accept "
+    "unauthenticated webhooks (an environment variable that names a source not in the "
+    "file, e.g. a typo, creates a source without one)"
+)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """Where and what, never the text: PyYAML's message quotes the offending line, which may
+    hold a password. Quoted fragments of its problem text are cut for the same reason."""
+    if isinstance(exc, yaml.reader.ReaderError):  # a control character in the file
+        return f"character {exc.position + 1}: {exc.reason}"
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or "syntax error"
+    problem = re.sub(r"'[^']{4,}'", "'…'", str(problem))
+    if mark is None:
+        return problem
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
@@ -297,10 +381,15 @@ def load_settings(
                 text = Path(path).read_text(encoding="utf-8")
             except OSError as exc:
                 raise ConfigError([("(file)", f"cannot read {path}: {exc.strerror}")]) from exc
+            except UnicodeDecodeError as exc:
+                where = f"byte {exc.start}"
+                raise ConfigError([("(file)", f"{path} is not UTF-8 text ({where})")]) from None
             try:
                 loaded = yaml.safe_load(text)
             except yaml.YAMLError as exc:
-                raise ConfigError([("(file)", f"{path} is not valid YAML: {exc}")]) from exc
+                raise ConfigError(
+                    [("(file)", f"{path} is not valid YAML: {_yaml_problem(exc)}")]
+                ) from None
             if loaded is not None and not isinstance(loaded, dict):
                 raise ConfigError([("(top)", "the file must hold a mapping")])
             data = loaded or {}
@@ -310,7 +399,14 @@ def load_settings(
     except ValidationError as exc:
         problems = []
         for err in exc.errors(include_url=False, include_input=False):
-            problems.append((_loc(err["loc"]), err["msg"].removeprefix("Value error, ")))
+            msg = err["msg"].removeprefix("Value error, ")
+            if (
+                err["type"] == "missing"
+                and err["loc"][0] == "sources"
+                and err["loc"][-1] == "webhook"
+            ):
+                msg = _NO_WEBHOOK
+            problems.append((_loc(err["loc"]), msg))
         raise ConfigError(problems) from None
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import re
 import time
 from base64 import b64decode
 from collections.abc import Callable
@@ -21,11 +22,11 @@ import orjson
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from bridge import translate
+from bridge import httpserver, translate
 from bridge.config import Settings, SourceSettings
 from bridge.errors import PublishError, WebhookError
 from bridge.metrics import Metrics, event_label
@@ -84,13 +85,7 @@ class _Gate:
     def address_allowed(self, address: str | None) -> bool:
         if not self.networks:
             return True
-        if address is None:
-            return False
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in net for net in self.networks)
+        return address is not None and _in(address, self.networks)
 
     def credentials_ok(self, authorization: str | None) -> bool:
         """HTTP Basic, compared in constant time: both digests are always compared, and the
@@ -113,6 +108,8 @@ def client_address(request: Request, proxies: tuple[IpNetwork, ...]) -> str | No
     """The socket peer, unless it is a trusted proxy: then the nearest address in
     X-Forwarded-For that is not itself a trusted proxy."""
     peer = request.client.host if request.client else None
+    if peer is not None and (ip := _ip(peer)) is not None:
+        peer = str(ip)
     if peer is None or not proxies:
         return peer
     if not _in(peer, proxies):
@@ -123,16 +120,66 @@ def client_address(request: Request, proxies: tuple[IpNetwork, ...]) -> str | No
         return peer
     for hop in reversed([h.strip() for h in forwarded.split(",") if h.strip()]):
         if not _in(hop, proxies):
-            return hop
+            ip = _ip(hop)
+            return str(ip) if ip is not None else hop
     return peer
 
 
-def _in(address: str, nets: tuple[IpNetwork, ...]) -> bool:
+def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address, with an IPv4-mapped IPv6 address (`::ffff:10.0.0.1`, what a dual-stack
+    socket reports for an IPv4 peer) as the IPv4 address it is, so IPv4 CIDRs match it."""
     try:
-        ip = ipaddress.ip_address(address)
+        ip = ipaddress.ip_address(address.strip())
     except ValueError:
-        return False
-    return any(ip in n for n in nets)
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _in(address: str, nets: tuple[IpNetwork, ...]) -> bool:
+    ip = _ip(address)
+    return ip is not None and any(ip in n for n in nets)
+
+
+# The webhook routes' source segment, as the router reads it.
+_WEBHOOK_PATH = re.compile(r"^/webhooks/([^/]+)/(?:events|components)(?:/|$)")
+
+
+def early_check(settings: Settings) -> Callable[[str | None, str], WebhookError | None]:
+    """The listener's check of a request's socket peer against the source's `allowed_ips`,
+    once the request line is read: before the headers are complete and before the body. A
+    peer that is a trusted proxy is left to the app (the client is in X-Forwarded-For), and
+    the app checks every request again."""
+    gates = {name: _Gate.of(src) for name, src in settings.sources.items()}
+    proxies = tuple(ipaddress.ip_network(c, strict=False) for c in settings.http.trusted_proxies)
+
+    def check(peer: str | None, path: str) -> WebhookError | None:
+        match = _WEBHOOK_PATH.match(path)
+        gate = gates.get(match.group(1)) if match else None
+        if gate is None or not gate.networks or peer is None or _in(peer, proxies):
+            return None
+        if gate.address_allowed(peer):
+            return None
+        return WebhookError(403, "address_not_allowed", "this address may not call this source")
+
+    return check
+
+
+def listener_guard(
+    settings: Settings, metrics: Metrics, *, webhooks: bool = True
+) -> httpserver.Guard:
+    """The HTTP listener's limits (settings.http) and early address check, counting what it
+    refuses in `simotel_bridge_webhooks_rejected`."""
+
+    def refused(reason: str) -> None:
+        metrics.rejected.labels(reason).inc()
+
+    return httpserver.Guard(
+        limits=httpserver.Limits.of(settings.http),
+        early=early_check(settings) if webhooks else None,
+        refused=refused,
+    )
 
 
 def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
@@ -145,11 +192,16 @@ async def _read_body(request: Request, limit: int) -> bytes:
         raise WebhookError(413, "too_large", f"the body is over {limit} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise WebhookError(413, "too_large", f"the body is over {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise WebhookError(413, "too_large", f"the body is over {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # The client left (or the listener cut it off) mid-body: nothing to answer, nothing
+        # published; 499 is only what the log line and the metric show.
+        raise WebhookError(499, "client_disconnected", "the client went away") from None
     return b"".join(chunks)
 
 

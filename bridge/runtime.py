@@ -17,7 +17,7 @@ from bridge.amqp import Broker, Publisher
 from bridge.components import ComponentMetrics, ComponentRpc
 from bridge.config import Settings
 from bridge.errors import BridgeError, ConfigError
-from bridge.ingress import create_app
+from bridge.ingress import create_app, listener_guard
 from bridge.metrics import Metrics
 from bridge.sink import EventSink, SpoolMetrics
 
@@ -110,7 +110,9 @@ async def serve(settings: Settings, roles: frozenset[str], stop: asyncio.Event) 
         )
         host, port = settings.http.host, settings.http.port
         try:
-            url = await stack.enter_async_context(httpserver.serve(app, host, port, graceful=5))
+            guard = listener_guard(settings, metrics, webhooks=ingress)
+            served = httpserver.serve(app, host, port, graceful=5, guard=guard)
+            url = await stack.enter_async_context(served)
         except OSError as exc:
             raise RoleFailed(f"cannot listen on {host}:{port}: {exc}") from exc
         stack.callback(stop.set)  # runs first on the way out: tells the worker to drain

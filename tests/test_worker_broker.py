@@ -218,7 +218,7 @@ async def test_broker_stopped_while_commands_run(
             "amqp": {"url": url, "publish_timeout": 2.0, "heartbeat": 2},
             "http": {"host": "127.0.0.1", "port": 0},
             "log": {"level": "info", "format": "json"},
-            "sources": {"simotel": {"api": api}},
+            "sources": {"simotel": {"webhook": {"allow_unauthenticated": True}, "api": api}},
             "spool": {"path": str(tmp_path / "spool.sqlite3")},
             "worker": {"prefetch": 4, "state_path": str(tmp_path / "worker.sqlite3")},
         }
