@@ -227,7 +227,7 @@ class WorkerSettings(_Model):
     state_ttl_hours: float = Field(72.0, gt=0)
     # Shared command state (bridge/state): when set, PostgreSQL at this URL instead of the
     # SQLite file at state_path, so workers on several hosts run each message_id once.
-    state_url: SecretStr | None = None
+    state_url: Secret | None = None
     state_pool_size: int = Field(4, ge=1, le=100)  # PostgreSQL connections per worker process
     # A stored result over this size keeps a marker instead of its response.
     max_stored_result_bytes: int = Field(1024 * 1024, ge=4096, le=64 * 1024 * 1024)
