@@ -56,7 +56,9 @@ async def serve(settings: Settings, roles: frozenset[str], stop: asyncio.Event) 
     the spool gets a few seconds to drain; the worker (which watches `stop`) drains within its
     grace; a role still running after that bound is cancelled with a logged reason; the
     connections close last."""
-    broker = Broker(settings.amqp, name=f"simotel-bridge {'+'.join(sorted(roles))}")
+    broker = Broker(
+        settings.amqp, name=f"simotel-bridge {'+'.join(sorted(roles))}", history=settings.history
+    )
     ingress = "ingress" in roles
     await broker.connect(wait=not (ingress and settings.spool.enabled))
     metrics = Metrics()
