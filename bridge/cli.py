@@ -118,6 +118,8 @@ def cmd_send(args: argparse.Namespace) -> int:
 def cmd_tail(args: argparse.Namespace) -> int:
     from bridge.tail import tail
 
+    if getattr(args, "since", None) is not None:
+        return _tail_since(args)
     settings = _settings(args)
     _quiet_logs()
 
@@ -125,6 +127,22 @@ def cmd_tail(args: argparse.Namespace) -> int:
         stop = asyncio.Event()
         _stop_on_signals(stop)
         await tail(settings, args.pattern, stop=stop, limit=args.limit)
+
+    _run(main())
+    return 0
+
+
+def _tail_since(args: argparse.Namespace) -> int:
+    """`tail --since`: the event history first, then on live."""
+    from bridge.tail import tail_since
+
+    settings = _settings(args)
+    _quiet_logs()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        _stop_on_signals(stop)
+        await tail_since(settings, args.since, args.pattern, stop=stop, limit=args.limit)
 
     _run(main())
     return 0
@@ -282,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("tail", "print events and results whose routing key matches PATTERN as they flow")
     p.add_argument("pattern", nargs="?", default="#", help="routing-key pattern (default: #)")
     p.add_argument("-n", "--limit", type=int, help="stop after this many messages")
+    _add_tail_since(p)
     p.set_defaults(func=cmd_tail)
 
     _add_replay(add)
@@ -318,6 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     p.set_defaults(func=cmd_simulate)
     return parser
+
+
+def _add_tail_since(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--since",
+        type=_when,
+        help="print the event history from then first (10m, 2h, ISO 8601), then follow live",
+    )
 
 
 def _add_replay(add: Callable[[str, str], argparse.ArgumentParser]) -> None:
