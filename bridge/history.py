@@ -155,6 +155,8 @@ class _Reader:
         # Unacked deliveries are bounded by the prefetch, so this never holds more than that.
         self.inbox: asyncio.Queue[AbstractIncomingMessage | BaseException] = asyncio.Queue()
         self.tag: str | None = None
+        self.unacked = 0
+        self.ack_every = max(1, prefetch // 4)
 
     async def open(self, start: datetime) -> None:
         try:
@@ -181,7 +183,12 @@ class _Reader:
         item = await self.inbox.get()
         if isinstance(item, BaseException):
             raise item
-        await item.ack()  # a stream keeps it: the ack only lets the broker send more
+        # A stream keeps what is acked: the ack only lets the broker send more. One ack for
+        # many (multiple=True) while deliveries are waiting, at once when none are.
+        self.unacked += 1
+        if self.unacked >= self.ack_every or self.inbox.empty():
+            await item.ack(multiple=True)
+            self.unacked = 0
         return item
 
     async def close(self) -> None:
