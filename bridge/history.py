@@ -168,7 +168,11 @@ class _Reader:
         await self.channel.set_qos(prefetch_count=self.prefetch)
         self.channel.close_callbacks.add(self._on_close)
         marker = aio_pika.Message(
-            b"", type=MARKER_TYPE, message_id=self.marker_id, app_id="simotel-bridge history"
+            b"",
+            type=MARKER_TYPE,
+            message_id=self.marker_id,
+            app_id="simotel-bridge history",
+            timestamp=datetime.now(UTC),
         )
         await self.channel.default_exchange.publish(marker, routing_key=self.stream)
         self.tag = await queue.consume(self._on_message, arguments={"x-stream-offset": start})

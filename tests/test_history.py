@@ -12,6 +12,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aio_pika
+import httpx
 import orjson
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
@@ -29,7 +31,9 @@ from bridge.history import (
     parse_when,
     topic_matches,
 )
+from bridge.runtime import serve
 from bridge.translate import Payload, build_event
+from tests.brokernode import free_port
 from tests.conftest import make_settings
 from tests.support import drain, tap
 
@@ -385,3 +389,43 @@ async def test_what_the_ingress_accepts_is_kept_with_its_properties(
     headers = dict(stored.headers)
     assert headers.pop("x-stream-offset") >= 0
     assert headers == cdr.headers
+
+
+@pytest.mark.broker
+async def test_metrics_give_the_oldest_age_and_a_count(history_settings: Settings) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from bridge.historystats import HistoryMetrics, refresh
+
+    now = datetime.now(UTC)
+    await publish_spread(history_settings, 1, now, timedelta(0))  # declares the stream
+    metrics = HistoryMetrics(CollectorRegistry())
+    url = history_settings.amqp.url.get_secret_value()
+    connection = await aio_pika.connect(url)
+    async with connection:
+        await refresh(connection, metrics)
+        assert metrics.events._value.get() == 1
+        assert 0 <= metrics.oldest_age._value.get() < 120
+    # The metrics as the ingress serves them, refreshed in the background from the start.
+    port = free_port()
+    settings = history_settings.model_copy(
+        update={"http": history_settings.http.model_copy(update={"port": port})}
+    )
+    stop = asyncio.Event()
+    server = asyncio.create_task(serve(settings, frozenset({"ingress"}), stop))
+    try:
+        async with httpx.AsyncClient() as client, asyncio.timeout(60):
+            while True:
+                if server.done():
+                    server.result()
+                try:
+                    text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+                except httpx.TransportError:
+                    text = ""
+                if "simotel_bridge_history_events 1.0" in text:
+                    break
+                await asyncio.sleep(0.1)  # a background refresh: nothing to await from here
+        assert "simotel_bridge_history_oldest_event_age_seconds" in text
+    finally:
+        stop.set()
+        await asyncio.wait_for(server, 60)
