@@ -41,6 +41,11 @@ async def thousand(history_settings: Settings) -> Window:
     return now, await publish_spread(history_settings, 1000, start, timedelta(seconds=6))
 
 
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
 async def _queue(amqp: AbstractRobustConnection, name: str) -> None:
     channel = await amqp.channel()
     await channel.declare_queue(name, durable=True)
@@ -64,8 +69,11 @@ async def test_replay_to_a_queue_is_the_exact_window_with_original_ids(
     url = history_settings.amqp.url.get_secret_value()
     await _queue(amqp, "analytics.backfill")
     since = now - timedelta(minutes=20)
+    terminal = _Terminal()
     async with asyncio.timeout(60):
-        summary = await replay(url, since, None, "#", Target(queue="analytics.backfill"))
+        summary = await replay(
+            url, since, None, "#", Target(queue="analytics.backfill"), progress=terminal
+        )
     expected = [s for s in sent if s.received >= since]
     assert (summary.matched, summary.published, summary.interrupted) == (
         len(expected),
@@ -74,6 +82,9 @@ async def test_replay_to_a_queue_is_the_exact_window_with_original_ids(
     )
     got = await drain(amqp, "analytics.backfill")
     assert [m.message_id for m in got] == [s.message_id for s in expected]
+    bar = terminal.getvalue()
+    assert bar.startswith("\r[") and bar.endswith("\n")
+    assert f"[{'#' * 24}] 100%  matched {len(expected):,}  published {len(expected):,}" in bar
     first = got[0]
     assert first.headers["replayed"] is True
     assert "x-stream-offset" not in first.headers

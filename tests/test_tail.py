@@ -195,3 +195,19 @@ async def test_tail_since_prints_the_history_first_then_follows_live(
         for r in lines
         if r["exchange"] == "simotel.events"
     )
+
+
+@pytest.mark.broker
+async def test_tail_since_without_history_says_so(amqp_url: str, tmp_path: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from bridge.history import HistoryError
+    from bridge.tail import tail_since
+    from tests.test_history import publish_spread
+
+    settings = make_settings(amqp_url, tmp_path, history={"enabled": False})
+    await publish_spread(settings, 1, datetime.now(UTC), timedelta(0))  # declares the topology
+    with pytest.raises(HistoryError, match="history enabled"):
+        await asyncio.wait_for(
+            tail_since(settings, datetime.now(UTC) - timedelta(minutes=5), out=io.StringIO()), 30
+        )
