@@ -429,3 +429,29 @@ async def test_metrics_give_the_oldest_age_and_a_count(history_settings: Setting
     finally:
         stop.set()
         await asyncio.wait_for(server, 60)
+
+
+@pytest.mark.broker
+async def test_a_lost_connection_ends_a_read_with_history_error(
+    history_settings: Settings, vhost: str
+) -> None:
+    await publish_spread(history_settings, 2, datetime.now(UTC), timedelta(0))
+    url = history_settings.amqp.url.get_secret_value()
+    caught_up = asyncio.Event()
+
+    async def follow() -> None:
+        since = datetime.now(UTC) - timedelta(hours=1)
+        async for _ in history_window(url, since, follow=True, caught_up=caught_up):
+            pass
+
+    task = asyncio.create_task(follow())
+    await asyncio.wait_for(caught_up.wait(), 30)
+    await asyncio.to_thread(
+        subprocess.run,
+        ["rabbitmqctl", "close_all_connections", "-p", vhost, "test: connection lost"],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    with pytest.raises(HistoryError, match="CONNECTION_FORCED"):
+        await asyncio.wait_for(task, 30)
