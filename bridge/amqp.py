@@ -23,8 +23,8 @@ from aio_pika.connection import make_url
 from aiormq import spec
 
 from bridge import topology
-from bridge.config import AmqpSettings
-from bridge.errors import PublishError
+from bridge.config import AmqpSettings, HistorySettings
+from bridge.errors import ConfigError, PublishError
 
 log = structlog.get_logger("bridge.amqp")
 
@@ -73,8 +73,16 @@ class Broker:
     answer; `connect(wait=False)` returns at once and keeps trying in the background with
     exponential backoff, for an ingress that spools until the broker is there."""
 
-    def __init__(self, settings: AmqpSettings, name: str = "simotel-bridge") -> None:
+    def __init__(
+        self,
+        settings: AmqpSettings,
+        name: str = "simotel-bridge",
+        *,
+        history: HistorySettings | None = None,
+    ) -> None:
         self.settings = settings
+        # The history stream is declared with the topology only when its settings are given.
+        self.history = history
         self.name = name
         self._connection: AbstractRobustConnection | None = None
         self._up = asyncio.Event()
@@ -131,7 +139,7 @@ class Broker:
             if declare:
                 channel = await connection.channel()
                 try:
-                    await topology.declare(channel, self.settings)
+                    await topology.declare(channel, self.settings, self.history)
                 finally:
                     await channel.close()
         except BaseException:
@@ -158,7 +166,7 @@ class Broker:
             async with asyncio.timeout(30):
                 channel = await self.connection.channel()
                 try:
-                    await topology.declare(channel, self.settings)
+                    await topology.declare(channel, self.settings, self.history)
                 finally:
                     await channel.close()
         except Exception as exc:  # the next reconnect tries again
@@ -172,6 +180,8 @@ class Broker:
                 return
             except (PublishError, *aio_pika.exceptions.CONNECTION_EXCEPTIONS) as exc:
                 log.warning("broker unreachable, retrying", error=str(exc), retry_in_s=delay)
+            except ConfigError as exc:  # e.g. the history stream's arguments changed
+                log.error("the topology cannot be declared, retrying", error=str(exc))
             await asyncio.sleep(delay * random.uniform(0.8, 1.0))
             delay = min(delay * 2, _BackoffConnection.RECONNECT_CAP)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 from bridge import __version__
@@ -116,6 +118,8 @@ def cmd_send(args: argparse.Namespace) -> int:
 def cmd_tail(args: argparse.Namespace) -> int:
     from bridge.tail import tail
 
+    if getattr(args, "since", None) is not None:
+        return _tail_since(args)
     settings = _settings(args)
     _quiet_logs()
 
@@ -128,12 +132,89 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tail_since(args: argparse.Namespace) -> int:
+    """`tail --since`: the event history first, then on live."""
+    from bridge.tail import tail_since
+
+    settings = _settings(args)
+    _quiet_logs()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        _stop_on_signals(stop)
+        await tail_since(settings, args.since, args.pattern, stop=stop, limit=args.limit)
+
+    _run(main())
+    return 0
+
+
 def _stop_on_signals(stop: asyncio.Event) -> None:
     import signal
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+
+
+def _when(text: str) -> datetime:
+    """argparse type for --since / --until: `10m`, `2h`, `1h30m`, `now` or ISO 8601."""
+    from bridge.history import parse_when
+
+    try:
+        return parse_when(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Exit 0 when the window was replayed, 130 when interrupted (what was confirmed is
+    reported), 1 on an error (nothing in flight is left unconfirmed)."""
+    import os
+    import signal
+
+    from bridge.replay import Target, replay
+
+    settings = _settings(args)
+    _quiet_logs()
+    target = Target(exchange=args.to_exchange, queue=args.to_queue)
+    if args.until is not None and args.until <= args.since:
+        print("--until must be later than --since", file=sys.stderr)
+        return 2
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            if stop.is_set():
+                os._exit(130)  # a second signal: at once
+            stop.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+        summary = await replay(
+            settings.amqp.url.get_secret_value(),
+            args.since,
+            args.until,
+            args.pattern,
+            target,
+            rate=args.rate,
+            dry_run=args.dry_run,
+            stop=stop,
+            progress=sys.stderr,
+            events_exchange=settings.amqp.exchanges.events,
+        )
+        print(summary.line(), file=sys.stderr)
+        return 130 if summary.interrupted else 0
+
+    code = 0
+
+    async def run() -> None:
+        nonlocal code
+        code = await main()
+
+    _run(run())
+    return code
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -219,7 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("tail", "print events and results whose routing key matches PATTERN as they flow")
     p.add_argument("pattern", nargs="?", default="#", help="routing-key pattern (default: #)")
     p.add_argument("-n", "--limit", type=int, help="stop after this many messages")
+    _add_tail_since(p)
     p.set_defaults(func=cmd_tail)
+
+    _add_replay(add)
 
     p = sub.add_parser(
         "simulate",
@@ -253,6 +337,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     p.set_defaults(func=cmd_simulate)
     return parser
+
+
+def _add_tail_since(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--since",
+        type=_when,
+        help="print the event history from then first (10m, 2h, ISO 8601), then follow live",
+    )
+
+
+def _add_replay(add: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    p = add("replay", "re-publish a time window of the event history to an exchange or queue")
+    p.add_argument(
+        "--since", type=_when, required=True, help="start: 10m, 2h, 1h30m, 7d or ISO 8601"
+    )
+    p.add_argument("--until", type=_when, help="end, excluded (default: now)")
+    p.add_argument("--pattern", default="#", help="routing-key pattern, e.g. *.Cdr (default #)")
+    to = p.add_mutually_exclusive_group(required=True)
+    to.add_argument("--to-exchange", metavar="X", help="publish to this exchange, original keys")
+    to.add_argument("--to-queue", metavar="Q", help="publish straight to this queue")
+    p.add_argument("--rate", type=_positive, help="at most this many messages per second")
+    p.add_argument("--dry-run", action="store_true", help="print what would be sent, send nothing")
+    p.set_defaults(func=cmd_replay)
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

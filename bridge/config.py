@@ -249,6 +249,28 @@ class SpoolSettings(_Model):
     max_bytes: int = Field(1024 * 1024 * 1024, ge=1024)
 
 
+_AGE = re.compile(r"^[1-9][0-9]{0,5}(Y|M|D|h|m|s)$")
+
+
+class HistorySettings(_Model):
+    """The `simotel.history` stream: every event of the events exchange, kept for a while."""
+
+    enabled: bool = True
+    # RabbitMQ's x-max-age syntax: a number and a unit, Y M D h m s (7D: seven days).
+    max_age: str = "7D"
+    # Size bound of the stream on each node's disk; the oldest segments are removed first.
+    max_bytes: int = Field(10 * 1024**3, ge=1024**2)
+    # Binding pattern on the events exchange (`#`: every event).
+    pattern: str = Field("#", min_length=1, max_length=255)
+
+    @field_validator("max_age")
+    @classmethod
+    def _age(cls, v: str) -> str:
+        if not _AGE.match(v):
+            raise ValueError("must be a number and a unit Y, M, D, h, m or s (e.g. 7D, 12h)")
+        return v
+
+
 class Settings(_Model):
     amqp: AmqpSettings = AmqpSettings()
     http: HttpSettings = HttpSettings()
@@ -256,6 +278,7 @@ class Settings(_Model):
     sources: dict[str, SourceSettings]
     worker: WorkerSettings = WorkerSettings()
     spool: SpoolSettings = SpoolSettings()
+    history: HistorySettings = HistorySettings()
 
     @field_validator("sources")
     @classmethod

@@ -7,7 +7,11 @@
     │   │                       connection gone)
     │   ├── Unroutable          a mandatory publish came back: no queue bound (amqp.py)
     │   └── SpoolFull           neither the broker nor the spool can take an event (spool.py)
-    └── CommandError            a command message is invalid (becomes a `rejected` result)
+    ├── CommandError            a command message is invalid (becomes a `rejected` result)
+    ├── HistoryError            the history stream cannot be read: none (history off), no
+    │                           permission, connection lost (history.py)
+    └── ReplayError             a replay cannot go on: no such target, a publish unroutable or
+                                not confirmed (replay.py)
 
 Anything else escaping a unit of work is a bug: it is logged at the top of that unit and the
 message is handled as the single ack/reject decision function says.

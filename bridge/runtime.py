@@ -56,7 +56,9 @@ async def serve(settings: Settings, roles: frozenset[str], stop: asyncio.Event) 
     the spool gets a few seconds to drain; the worker (which watches `stop`) drains within its
     grace; a role still running after that bound is cancelled with a logged reason; the
     connections close last."""
-    broker = Broker(settings.amqp, name=f"simotel-bridge {'+'.join(sorted(roles))}")
+    broker = Broker(
+        settings.amqp, name=f"simotel-bridge {'+'.join(sorted(roles))}", history=settings.history
+    )
     ingress = "ingress" in roles
     await broker.connect(wait=not (ingress and settings.spool.enabled))
     metrics = Metrics()
@@ -87,6 +89,8 @@ async def serve(settings: Settings, roles: frozenset[str], stop: asyncio.Event) 
             # A worker takes no events: it must not open (and lock) the ingress's spool file.
             sink = EventSink(publisher, None, SpoolMetrics(metrics.registry))
         components: ComponentRpc | None = None
+        if ingress and settings.history.enabled:
+            tasks.append(_watch_history(broker, metrics, stop))
         if ingress:
             components = ComponentRpc(
                 broker,
@@ -145,6 +149,14 @@ async def _run_worker(
     if stop.is_set():
         return
     await run_worker(settings, stop, broker=broker, metrics=WorkerMetrics(metrics.registry))
+
+
+def _watch_history(broker: Broker, metrics: Metrics, stop: asyncio.Event) -> asyncio.Task[None]:
+    """The history stream's metrics, refreshed in the background (bridge/historystats.py)."""
+    from bridge.historystats import HistoryMetrics, watch
+
+    history = HistoryMetrics(metrics.registry)
+    return asyncio.create_task(watch(broker, history, stop), name="history-metrics")
 
 
 async def _start_when_connected(broker: Broker, components: ComponentRpc) -> None:

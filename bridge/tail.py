@@ -175,3 +175,110 @@ async def tail(
                 if pending is not None:
                     pending.cancel()
     return printed
+
+
+async def tail_since(
+    settings: Settings,
+    since: datetime,
+    pattern: str = "#",
+    out: TextIO = sys.stdout,
+    stop: asyncio.Event | None = None,
+    limit: int | None = None,
+    *,
+    ready: asyncio.Event | None = None,
+) -> int:
+    """`tail --since`: the events of the history stream from `since` first, then on live
+    (from the same stream, so nothing between the two is missed or printed twice); results,
+    which the history does not keep, live from the start, printed once the history part is
+    done. `ready` is set when the history part has been printed. Returns how many lines were
+    printed."""
+    from bridge.history import HISTORY_STREAM, history_window
+
+    names = settings.amqp.exchanges
+    is_tty = out.isatty() if hasattr(out, "isatty") else False
+    colour = is_tty and not os.environ.get("NO_COLOR")
+    inbox: asyncio.Queue[tuple[str, AbstractIncomingMessage] | None] = asyncio.Queue()
+    results: asyncio.Queue[tuple[str, AbstractIncomingMessage]] = asyncio.Queue()
+    caught_up = asyncio.Event()
+    # A plain connection: a reconnect would attach the stream again at `since`, printing the
+    # history a second time. A lost connection ends tail with an error instead.
+    connection = await aio_pika.connect(
+        settings.amqp.url.get_secret_value(),
+        client_properties={"connection_name": "simotel-bridge tail --since"},
+    )
+    printed = 0
+    tasks: list[asyncio.Future[Any]] = []
+    async with connection:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=_WINDOW)
+        for e in topology.build(settings.amqp).exchanges:
+            if e.name in (names.results, names.unrouted, names.events):
+                await channel.declare_exchange(e.name, e.type, durable=True, arguments=e.arguments)
+        queue = await channel.declare_queue(
+            "",
+            exclusive=True,
+            auto_delete=True,
+            arguments={"x-max-length": _MAX_BACKLOG, "x-overflow": "drop-head"},
+        )
+        await queue.bind(names.results, routing_key=pattern)
+
+        async def on_result(message: AbstractIncomingMessage) -> None:
+            await results.put((names.results, message))
+
+        await queue.consume(on_result)
+
+        async def read_history() -> None:
+            async for message in history_window(
+                connection, since, pattern=pattern, follow=True, caught_up=caught_up,
+                stream=HISTORY_STREAM,
+            ):  # fmt: skip
+                await inbox.put((message.exchange or names.events, message))
+
+        async def pass_results() -> None:
+            await caught_up.wait()
+            await inbox.put(None)  # where the history ends
+            while True:
+                await inbox.put(await results.get())
+
+        tasks = [asyncio.ensure_future(read_history()), asyncio.ensure_future(pass_results())]
+        stopper = asyncio.ensure_future(stop.wait()) if stop is not None else None
+        try:
+            while limit is None or printed < limit:
+                getter = asyncio.ensure_future(inbox.get())
+                waiting = {getter, tasks[0]} | ({stopper} if stopper is not None else set())
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    if tasks[0] in done:
+                        tasks[0].result()  # the history reader failed: say why
+                    break
+                item = getter.result()
+                if item is None:
+                    if is_tty:
+                        out.write(_live_separator(colour) + "\n")
+                        out.flush()
+                    if ready is not None:
+                        ready.set()
+                    continue
+                exchange, message = item
+                line = (
+                    render_text(exchange, message, colour)
+                    if is_tty
+                    else render_json(exchange, message)
+                )
+                out.write(line + "\n")
+                out.flush()
+                if exchange == names.results:
+                    await message.ack()
+                printed += 1
+        finally:
+            for pending in (*tasks, stopper):
+                if pending is not None:
+                    pending.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    return printed
+
+
+def _live_separator(colour: bool) -> str:
+    text = "-- history above, live below --"
+    return f"{_DIM}{text}{_RESET}" if colour else text

@@ -15,9 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aio_pika
+import aio_pika.exceptions
 from aio_pika.abc import AbstractChannel
 
-from bridge.config import AmqpSettings
+from bridge.config import AmqpSettings, HistorySettings
+from bridge.errors import ConfigError
+from bridge.history import HISTORY_STREAM
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_]")
 
@@ -68,10 +71,13 @@ class Topology:
     bindings: tuple[Binding, ...]
 
 
-def build(amqp: AmqpSettings) -> Topology:
+def build(amqp: AmqpSettings, history: HistorySettings | None = None) -> Topology:
+    """The whole topology. The history stream is in it when `history` is given and enabled:
+    a caller that does not know the history settings leaves the stream alone (it cannot know
+    its retention arguments, and declaring others would fail on an existing stream)."""
     ex, q = amqp.exchanges, amqp.queues
     topic = aio_pika.ExchangeType.TOPIC
-    return Topology(
+    core = Topology(
         exchanges=(
             # The alternate exchange first: events must never be declared without it.
             Exchange(ex.unrouted, aio_pika.ExchangeType.FANOUT),
@@ -101,6 +107,37 @@ def build(amqp: AmqpSettings) -> Topology:
             Binding(q.unrouted, ex.unrouted, ""),
         ),
     )
+    if history is None or not history.enabled:
+        return core
+    return Topology(
+        core.exchanges,
+        (*core.queues, history_stream(history)),
+        (*core.bindings, Binding(HISTORY_STREAM, ex.events, history.pattern)),
+    )
+
+
+_RETENTION_CHANGED = (
+    "the stream simotel.history exists with other arguments than history.max_age / max_bytes "
+    "say; a stream's arguments cannot change: put the old values back and change retention "
+    "with a policy (docs/history.md, 'Changing retention'), or delete the stream"
+)
+
+# Retention removes whole segments: smaller ones follow max_age and max_bytes more closely.
+_SEGMENT_BYTES = 100 * 1024 * 1024
+
+
+def history_stream(history: HistorySettings) -> Queue:
+    """The stream's declaration. Its arguments cannot change once it exists: a redeclaration
+    with others fails (PRECONDITION_FAILED); retention is changed with a policy instead."""
+    return Queue(
+        HISTORY_STREAM,
+        {
+            "x-queue-type": "stream",
+            "x-max-age": history.max_age,
+            "x-max-length-bytes": history.max_bytes,
+            "x-stream-max-segment-size-bytes": min(_SEGMENT_BYTES, max(history.max_bytes // 4, 1)),
+        },
+    )
 
 
 def queue(amqp: AmqpSettings, name: str) -> Queue:
@@ -112,13 +149,20 @@ def queue(amqp: AmqpSettings, name: str) -> Queue:
     raise KeyError(name)
 
 
-async def declare(channel: AbstractChannel, amqp: AmqpSettings) -> Topology:
+async def declare(
+    channel: AbstractChannel, amqp: AmqpSettings, history: HistorySettings | None = None
+) -> Topology:
     """Declare every exchange, queue and binding; safe to run at every start."""
-    topo = build(amqp)
+    topo = build(amqp, history)
     for e in topo.exchanges:
         await channel.declare_exchange(e.name, e.type, durable=True, arguments=e.arguments)
     for qu in topo.queues:
-        await channel.declare_queue(qu.name, durable=True, arguments=qu.arguments)
+        try:
+            await channel.declare_queue(qu.name, durable=True, arguments=qu.arguments)
+        except aio_pika.exceptions.ChannelPreconditionFailed as exc:
+            if qu.name != HISTORY_STREAM:
+                raise
+            raise ConfigError([("history", _RETENTION_CHANGED)]) from exc
     for b in topo.bindings:
         queue = await channel.get_queue(b.queue, ensure=False)
         await queue.bind(b.exchange, routing_key=b.routing_key)

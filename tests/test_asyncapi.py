@@ -13,7 +13,7 @@ import yaml
 
 from bridge import topology
 from bridge.commands import STATUSES, Envelope, Result, needs_dead_letter, result_message
-from bridge.config import COMPONENTS, AmqpSettings
+from bridge.config import COMPONENTS, AmqpSettings, HistorySettings
 from bridge.translate import KNOWN_EVENTS, Payload, build_event
 from bridge.worker import dead_letter
 
@@ -76,7 +76,7 @@ def test_document_shape_and_every_ref_resolves(doc: dict[str, Any]) -> None:
 
 
 def test_topology_names_and_types(doc: dict[str, Any]) -> None:
-    topo = topology.build(AmqpSettings())
+    topo = topology.build(AmqpSettings(), HistorySettings())  # the defaults: history on
     exchanges: dict[str, str] = {}
     queues: dict[str, dict[str, Any]] = {}
     for channel in doc["channels"].values():

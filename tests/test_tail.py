@@ -148,3 +148,66 @@ def test_render_text_for_a_result() -> None:
     line = render_text("simotel.results", _Msg(), colour=False)  # type: ignore[arg-type]
     assert "result error" in line and "http=503" in line and "attempts=3" in line
     assert "error=Service Unavailable" in line and "simotel.call.originate.act" in line
+
+
+@pytest.mark.broker
+async def test_tail_since_prints_the_history_first_then_follows_live(
+    amqp_url: str, tmp_path: Path, amqp: AbstractRobustConnection
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from bridge.tail import tail_since
+    from tests.test_history import publish_spread
+
+    settings = make_settings(amqp_url, tmp_path)  # history on, as by default
+    now = datetime.now(UTC)
+    too_old = await publish_spread(settings, 2, now - timedelta(hours=2), timedelta(0))
+    old = await publish_spread(settings, 6, now - timedelta(minutes=8), timedelta(minutes=1))
+    old_simotel = [s.message_id for s in old if s.routing_key.startswith("simotel.")]
+    assert len(old_simotel) == 3 and too_old
+    out = io.StringIO()
+    ready = asyncio.Event()
+    task = asyncio.create_task(
+        tail_since(settings, now - timedelta(minutes=10), "simotel.#", out, limit=5, ready=ready)
+    )
+    done, _ = await asyncio.wait(
+        {task, asyncio.ensure_future(ready.wait())}, timeout=30, return_when=asyncio.FIRST_COMPLETED
+    )
+    if task in done:
+        task.result()
+    assert ready.is_set()  # the history part is printed: what is published now is live
+    await _publish(
+        amqp,
+        "simotel.results",
+        "simotel.call.originate.act",
+        {"command_id": "c9", "status": "ok", "http_status": 200},
+    )
+    (new,) = await publish_spread(settings, 1, datetime.now(UTC), timedelta(0))
+    assert await asyncio.wait_for(task, 30) == 5
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [r["message_id"] for r in lines[:3]] == old_simotel
+    assert {(r["exchange"], r["message_id"]) for r in lines[3:]} == {
+        ("simotel.events", new.message_id),
+        ("simotel.results", "simotel.call.originate.act"),
+    }
+    assert all(
+        r["headers"].get("x-stream-offset") is not None
+        for r in lines
+        if r["exchange"] == "simotel.events"
+    )
+
+
+@pytest.mark.broker
+async def test_tail_since_without_history_says_so(amqp_url: str, tmp_path: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from bridge.history import HistoryError
+    from bridge.tail import tail_since
+    from tests.test_history import publish_spread
+
+    settings = make_settings(amqp_url, tmp_path, history={"enabled": False})
+    await publish_spread(settings, 1, datetime.now(UTC), timedelta(0))  # declares the topology
+    with pytest.raises(HistoryError, match="history enabled"):
+        await asyncio.wait_for(
+            tail_since(settings, datetime.now(UTC) - timedelta(minutes=5), out=io.StringIO()), 30
+        )
