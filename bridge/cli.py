@@ -175,6 +175,33 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    """`reconcile`: the reconciler role; with --once or --from, one pass and exit."""
+    settings = _settings(args)
+    if args.from_ is None and not args.once:
+        return _run_roles(args, frozenset({"reconcile"}))
+    from bridge.reconcile import run_once
+
+    _configure_logs(settings)
+    names = (
+        [args.source]
+        if args.source
+        else [n for n, s in settings.sources.items() if s.reconcile.enabled]
+    )
+    unknown = [n for n in names if n not in settings.sources or settings.sources[n].api is None]
+    if not names or unknown:
+        print("no source to reconcile (a source needs api settings)", file=sys.stderr)
+        return 2
+
+    async def main() -> None:
+        stats = await run_once(settings, names, args.from_)
+        for name, s in stats.items():
+            print(f"{name}: {s.published} recovered, {s.seen} seen, {s.pages} pages")
+
+    _run(main())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="simotel-bridge",
@@ -220,6 +247,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pattern", nargs="?", default="#", help="routing-key pattern (default: #)")
     p.add_argument("-n", "--limit", type=int, help="stop after this many messages")
     p.set_defaults(func=cmd_tail)
+
+    p = add("reconcile", "recover Cdr / CdrQueue events whose webhook never arrived")
+    p.add_argument("--once", action="store_true", help="one pass of every feed, then exit")
+    p.add_argument(
+        "--from",
+        dest="from_",
+        metavar="START",
+        help="one-off back-fill from START (beginning, now or a record _id), then exit",
+    )
+    p.add_argument("--source", help="only this source (default: every enabled one)")
+    p.set_defaults(func=cmd_reconcile)
 
     p = sub.add_parser(
         "simulate",

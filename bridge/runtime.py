@@ -75,6 +75,7 @@ async def serve(settings: Settings, roles: frozenset[str], stop: asyncio.Event) 
         publisher = Publisher(broker)
         await publisher.start()
         stack.push_async_callback(publisher.close)
+        tasks.extend(_start_reconcilers(settings, roles, stop, broker, publisher, metrics))
         if ingress:
             sink = await EventSink.open(
                 settings,
@@ -143,6 +144,32 @@ async def _run_worker(
     if stop.is_set():
         return
     await run_worker(settings, stop, broker=broker, metrics=WorkerMetrics(metrics.registry))
+
+
+def _start_reconcilers(
+    settings: Settings,
+    roles: frozenset[str],
+    stop: asyncio.Event,
+    broker: Broker,
+    publisher: Publisher,
+    metrics: Metrics,
+) -> list[asyncio.Task[None]]:
+    """The reconciler of every source that enables it, in the `reconcile` role and in `run`
+    (ingress and worker together). Simotel being unreachable never touches /readyz."""
+    if "reconcile" not in roles and not {"ingress", "worker"} <= roles:
+        return []
+    from bridge.reconcile import run_reconcilers
+
+    enabled = [name for name, s in settings.sources.items() if s.reconcile.enabled]
+    if not enabled:
+        if roles == {"reconcile"}:
+            raise ConfigError([("sources", "no source has reconcile.enabled: nothing to do")])
+        return []
+    task = asyncio.create_task(
+        run_reconcilers(settings, enabled, stop, broker, publisher, metrics.registry),
+        name="reconcile",
+    )
+    return [task]
 
 
 async def _start_when_connected(broker: Broker, components: ComponentRpc) -> None:

@@ -11,13 +11,14 @@ Routing keys (CONTRACT §3):
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel
 
-from bridge.config import AmqpSettings
+from bridge.config import AmqpSettings, SourceSettings
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_]")
 
@@ -68,10 +69,12 @@ class Topology:
     bindings: tuple[Binding, ...]
 
 
-def build(amqp: AmqpSettings) -> Topology:
+def build(amqp: AmqpSettings, sources: Mapping[str, SourceSettings] | None = None) -> Topology:
+    """The topology; with `sources`, also what their enabled features need (reconciliation)."""
     ex, q = amqp.exchanges, amqp.queues
     topic = aio_pika.ExchangeType.TOPIC
-    return Topology(
+    extra = reconcile_topology(amqp, sources or {})
+    base = Topology(
         exchanges=(
             # The alternate exchange first: events must never be declared without it.
             Exchange(ex.unrouted, aio_pika.ExchangeType.FANOUT),
@@ -101,6 +104,31 @@ def build(amqp: AmqpSettings) -> Topology:
             Binding(q.unrouted, ex.unrouted, ""),
         ),
     )
+    return Topology(base.exchanges, base.queues + extra.queues, base.bindings + extra.bindings)
+
+
+# Reconciliation (docs/reconcile.md): per source with `reconcile.enabled`, a durable queue of the
+# Cdr and CdrQueue events on the exchange, which tells the reconciler what was delivered.
+RECONCILE_EVENTS = ("Cdr", "CdrQueue")
+
+
+def reconcile_queue_name(source: str) -> str:
+    return f"simotel.reconcile.{source}"
+
+
+def reconcile_topology(amqp: AmqpSettings, sources: Mapping[str, SourceSettings]) -> Topology:
+    queues: list[Queue] = []
+    bindings: list[Binding] = []
+    for name, src in sorted(sources.items()):
+        if not src.reconcile.enabled:
+            continue
+        qname = reconcile_queue_name(name)
+        queues.append(Queue(qname, {"x-max-length": src.reconcile.queue_max_length}))
+        bindings.extend(
+            Binding(qname, amqp.exchanges.events, event_key(name, event))
+            for event in RECONCILE_EVENTS
+        )
+    return Topology((), tuple(queues), tuple(bindings))
 
 
 def queue(amqp: AmqpSettings, name: str) -> Queue:
@@ -112,9 +140,13 @@ def queue(amqp: AmqpSettings, name: str) -> Queue:
     raise KeyError(name)
 
 
-async def declare(channel: AbstractChannel, amqp: AmqpSettings) -> Topology:
+async def declare(
+    channel: AbstractChannel,
+    amqp: AmqpSettings,
+    sources: Mapping[str, SourceSettings] | None = None,
+) -> Topology:
     """Declare every exchange, queue and binding; safe to run at every start."""
-    topo = build(amqp)
+    topo = build(amqp, sources)
     for e in topo.exchanges:
         await channel.declare_exchange(e.name, e.type, durable=True, arguments=e.arguments)
     for qu in topo.queues:
