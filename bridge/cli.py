@@ -154,6 +154,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         webhook_username=args.webhook_user,
         webhook_password=args.webhook_password,
         delivery=args.delivery,
+        drop_webhooks=args.drop_webhooks,
         calls_per_minute=args.rate,
         time_scale=args.time_scale,
         components=not args.no_components,
@@ -280,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--webhook-user", default="simotel")
     p.add_argument("--webhook-password", default="change-me")
     p.add_argument("--delivery", choices=["g4", "rest4", "get", "form"], default="g4")
+    p.add_argument(
+        "--drop-webhooks", type=float, default=0.0, help="share (0..1) of webhooks lost on the way"
+    )
     p.add_argument("--rate", type=float, default=6.0, help="calls per minute")
     p.add_argument("--time-scale", type=float, default=1.0, help="0: no waiting inside calls")
     p.add_argument("--no-components", action="store_true", help="do not call component URLs")
