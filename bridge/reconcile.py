@@ -519,11 +519,30 @@ async def run_reconcilers(
         await asyncio.gather(*(r.run(stop) for r in reconcilers))
 
 
+async def declare_queues(broker: Any, settings: Settings) -> None:
+    """Declare the seen queues of the sources that enable reconciliation, once the broker is
+    there: an ingress declares them too, so what it publishes is kept for the reconciler even
+    while no reconciler runs."""
+    await broker.wait_connected()
+    try:
+        channel = await broker.connection.channel()
+        try:
+            await topology.declare(channel, settings.amqp, settings.sources)
+        finally:
+            await channel.close()
+    except Exception as exc:  # the reconciler declares them again when it starts
+        log.warning("declaring the reconciliation queues failed", error=repr(exc))
+
+
 async def run_once(
-    settings: Settings, sources: Sequence[str], start: str | None = None
+    settings: Settings,
+    sources: Sequence[str],
+    start: str | None = None,
+    *,
+    lock_wait: float = 15.0,
 ) -> dict[str, PassStats]:
     """One pass of each source's reconciler (`simotel-bridge reconcile --once / --from`).
-    Raises ReconcileError when another process holds a source's lock."""
+    Raises ReconcileError when another process holds a source's lock for `lock_wait` s."""
     from prometheus_client import CollectorRegistry
 
     from bridge.amqp import Broker
@@ -537,8 +556,11 @@ async def run_once(
         metrics = ReconcileMetrics(CollectorRegistry())
         async with _reconcilers(settings, sources, publisher, metrics) as reconcilers:
             for r in reconcilers:
-                if not await r.acquire():
-                    raise ReconcileError(f"another reconciler of {r.source!r} is active")
+                deadline = time.monotonic() + lock_wait
+                while not await r.acquire():
+                    if time.monotonic() >= deadline:
+                        raise ReconcileError(f"another reconciler of {r.source!r} is active")
+                    await asyncio.sleep(0.5)  # the holder's connection may be closing
                 out[r.source] = await r.run_pass(start)
     finally:
         await publisher.close()

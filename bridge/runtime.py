@@ -156,20 +156,20 @@ def _start_reconcilers(
 ) -> list[asyncio.Task[None]]:
     """The reconciler of every source that enables it, in the `reconcile` role and in `run`
     (ingress and worker together). Simotel being unreachable never touches /readyz."""
-    if "reconcile" not in roles and not {"ingress", "worker"} <= roles:
-        return []
-    from bridge.reconcile import run_reconcilers
-
     enabled = [name for name, s in settings.sources.items() if s.reconcile.enabled]
     if not enabled:
         if roles == {"reconcile"}:
             raise ConfigError([("sources", "no source has reconcile.enabled: nothing to do")])
         return []
-    task = asyncio.create_task(
-        run_reconcilers(settings, enabled, stop, broker, publisher, metrics.registry),
-        name="reconcile",
-    )
-    return [task]
+    from bridge.reconcile import declare_queues, run_reconcilers
+
+    tasks: list[asyncio.Task[None]] = []
+    if "ingress" in roles:  # what the ingress publishes is kept even with no reconciler up
+        tasks.append(asyncio.create_task(declare_queues(broker, settings), name="reconcile-queues"))
+    if "reconcile" in roles or {"ingress", "worker"} <= roles:
+        reconcilers = run_reconcilers(settings, enabled, stop, broker, publisher, metrics.registry)
+        tasks.append(asyncio.create_task(reconcilers, name="reconcile"))
+    return tasks
 
 
 async def _start_when_connected(broker: Broker, components: ComponentRpc) -> None:
