@@ -145,8 +145,6 @@ async def test_sigkill_mid_walk_then_restart_recovers_everything_once(
             assert await asyncio.wait_for(proc.wait(), 120) == 0, log.read_text()[-3000:]
             await barrier(amqp, t)
             check_exactly_once(t, sim)
-            origins = collections.Counter((m.headers or {}).get("origin") for m in t.messages)
-            assert origins[None] > 0 and origins["reconciled"] > 0, origins
 
 
 async def metrics_of(client: httpx.AsyncClient, port: int) -> str | None:
