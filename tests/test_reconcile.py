@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import aio_pika
 import httpx
@@ -285,3 +285,20 @@ async def test_readyz_does_not_depend_on_simotel(amqp_url: str, tmp_path: Path) 
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
+
+
+def test_tail_marks_recovered_events() -> None:
+    from bridge.tail import render_text
+
+    class _Msg:  # render_text reads only these attributes
+        timestamp = None
+        content_type = "application/json"
+        routing_key = "simotel.Cdr"
+        headers: ClassVar[dict[str, str]] = {"origin": "reconciled"}
+        body = orjson.dumps({"event_name": "Cdr", "unique_id": "1.2", "simotel_record": {}})
+
+    line = render_text("simotel.events", _Msg(), colour=False)  # type: ignore[arg-type]
+    assert "origin=reconciled" in line and "unique_id=1.2" in line
+    assert "simotel_record" not in line
+    _Msg.headers = {}
+    assert "origin" not in render_text("simotel.events", _Msg(), colour=False)  # type: ignore[arg-type]
