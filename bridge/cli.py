@@ -181,8 +181,13 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.from_ is None and not args.once:
         return _run_roles(args, frozenset({"reconcile"}))
+    import re
+
     from bridge.reconcile import run_once
 
+    if args.from_ is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", args.from_):
+        print("--from: now, beginning or a record _id", file=sys.stderr)
+        return 2
     _configure_logs(settings)
     names = (
         [args.source]
