@@ -79,7 +79,7 @@ class ReconcileMetrics:
         )
         self.errors = Counter(
             "simotel_bridge_reconcile_errors",
-            "Reconciliation passes that failed, by kind (api, broker, other)",
+            "Reconciliation passes that failed, by kind (api, lock, broker, other)",
             ["source", "kind"],
             registry=r,
         )

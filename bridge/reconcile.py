@@ -50,7 +50,11 @@ DRAIN_BATCH = 500  # seen messages stored (and acknowledged) together
 
 
 class ReconcileError(BridgeError):
-    """A reconciliation pass cannot go on (Simotel's answer is unusable, the lock was lost)."""
+    """A reconciliation pass cannot go on: Simotel's answer is unusable."""
+
+
+class LockLost(ReconcileError):
+    """This process no longer holds the source's lock (its connection went away)."""
 
 
 class ReconcileStore(Protocol):
@@ -213,9 +217,10 @@ class SimotelCursors:
 class BrokerLock:
     """The lock of one source: an exclusive queue on a connection of its own."""
 
-    def __init__(self, url: str, source: str) -> None:
+    def __init__(self, url: str, source: str, heartbeat: int = 20) -> None:
         self.url = url
         self.source = source
+        self.heartbeat = heartbeat
         self.name = f"{topology.reconcile_queue_name(source)}.lock"
         self.connection: AbstractConnection | None = None
         self.channel: AbstractChannel | None = None
@@ -232,6 +237,8 @@ class BrokerLock:
         await self.release()
         connection = await aio_pika.connect(
             self.url,
+            timeout=10,
+            heartbeat=self.heartbeat,
             client_properties={"connection_name": f"simotel-bridge reconcile {self.source}"},
         )
         try:
@@ -259,6 +266,8 @@ class BrokerLock:
 
 
 def _error_kind(exc: BaseException) -> str:
+    if isinstance(exc, LockLost):
+        return "lock"
     if isinstance(exc, ReconcileError):
         return "api"
     if isinstance(exc, (PublishError, *aio_pika.exceptions.CONNECTION_EXCEPTIONS)):
@@ -296,7 +305,9 @@ class Reconciler:
         self.publisher = publisher
         self.metrics = metrics
         self.clock = clock
-        self.lock = BrokerLock(settings.amqp.url.get_secret_value(), source)
+        self.lock = BrokerLock(
+            settings.amqp.url.get_secret_value(), source, settings.amqp.heartbeat
+        )
         self.queue_name = topology.reconcile_queue_name(source)
 
     async def close(self) -> None:
@@ -304,8 +315,9 @@ class Reconciler:
         self.metrics.active.labels(self.source).set(0)
 
     async def acquire(self) -> bool:
+        had = self.lock.held
         held = await self.lock.acquire()
-        if held:
+        if held and not had:
             # The seen queue and its bindings exist before anything is walked.
             assert self.lock.channel is not None
             await topology.declare(
@@ -372,7 +384,7 @@ class Reconciler:
     async def drain(self) -> int:
         """Take every message now in the seen queue: store their call ids, then ack."""
         if not self.lock.held:
-            raise ReconcileError("the reconciler lock was lost")
+            raise LockLost("the reconciler lock was lost")
         channel = self.lock.channel
         assert channel is not None
         queue = await channel.get_queue(self.queue_name, ensure=False)
@@ -446,7 +458,7 @@ class Reconciler:
         if not items:
             return
         if not self.lock.held:
-            raise ReconcileError("the reconciler lock was lost")
+            raise LockLost("the reconciler lock was lost")
         events = [recovered_event(exchange, self.source, i, now) for i in items]
         await asyncio.gather(
             *(
