@@ -258,15 +258,19 @@ async def test_a_webhook_arriving_late_inside_the_grace_is_not_published_twice(
             await publisher.close()
 
 
-async def test_readyz_does_not_depend_on_simotel(amqp_url: str, tmp_path: Path) -> None:
-    """Reconciliation against an unreachable Simotel counts errors; the bridge stays ready."""
+@pytest.mark.parametrize("roles", [{"ingress", "worker"}, {"reconcile"}], ids=["run", "reconcile"])
+async def test_readyz_does_not_depend_on_simotel(
+    amqp_url: str, tmp_path: Path, roles: set[str]
+) -> None:
+    """Reconciliation against an unreachable Simotel counts errors; the process stays ready
+    (in `run` and in the `reconcile` role)."""
     from bridge.runtime import serve
 
     port = free_port()
     settings = reconcile_settings(amqp_url, tmp_path, f"http://127.0.0.1:{free_port()}/api/v4/")
     settings = settings.model_copy(update={"http": settings.http.model_copy(update={"port": port})})
     stop = asyncio.Event()
-    task = asyncio.create_task(serve(settings, frozenset({"ingress", "worker"}), stop))
+    task = asyncio.create_task(serve(settings, frozenset(roles), stop))
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
             async with asyncio.timeout(60):
@@ -302,3 +306,35 @@ def test_tail_marks_recovered_events() -> None:
     assert "simotel_record" not in line
     _Msg.headers = {}
     assert "origin" not in render_text("simotel.events", _Msg(), colour=False)  # type: ignore[arg-type]
+
+
+async def test_one_lock_holder_per_source_and_take_over_when_it_goes(
+    amqp_url: str, tmp_path: Path
+) -> None:
+    settings = reconcile_settings(amqp_url, tmp_path, "http://127.0.0.1:9/api/v4/")
+    broker = Broker(settings.amqp)
+    await broker.connect()
+    publisher = Publisher(broker)
+    store = await SqliteReconcileStore.open(tmp_path / "s.sqlite3")
+    api = SimotelCursors("simotel", settings.sources["simotel"].api)  # type: ignore[arg-type]
+    registry = CollectorRegistry()
+    metrics = ReconcileMetrics(registry)
+    first, second = (
+        Reconciler("simotel", settings, store, api, publisher, metrics) for _ in range(2)
+    )
+    try:
+        assert await first.acquire()
+        assert not await second.acquire()
+        assert await first.acquire()  # held: still held
+        # The holder's connection goes (a crash, a partition): the lock goes with it.
+        assert first.lock.connection is not None
+        await first.lock.connection.close()
+        assert not first.lock.held
+        assert await second.acquire()
+        assert not await first.acquire()
+    finally:
+        await first.close()
+        await second.close()
+        await api.aclose()
+        await store.close()
+        await broker.close()
