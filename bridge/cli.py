@@ -178,26 +178,22 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
     """`reconcile`: the reconciler role; with --once or --from, one pass and exit."""
-    settings = _settings(args)
-    if args.from_ is None and not args.once:
-        return _run_roles(args, frozenset({"reconcile"}))
     import re
 
-    from bridge.reconcile import run_once
-
+    settings = _settings(args)
     if args.from_ is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", args.from_):
         print("--from: now, beginning or a record _id", file=sys.stderr)
         return 2
-    _configure_logs(settings)
-    names = (
-        [args.source]
-        if args.source
-        else [n for n, s in settings.sources.items() if s.reconcile.enabled]
-    )
-    unknown = [n for n in names if n not in settings.sources or settings.sources[n].api is None]
-    if not names or unknown:
-        print("no source to reconcile (a source needs api settings)", file=sys.stderr)
+    enabled = [n for n, s in settings.sources.items() if s.reconcile.enabled]
+    names = [args.source] if args.source else enabled
+    if not names or not set(names) <= set(enabled):
+        print("no source to reconcile (a source needs reconcile.enabled)", file=sys.stderr)
         return 2
+    if args.from_ is None and not args.once:
+        return _run_roles(args, frozenset({"reconcile"}))
+    from bridge.reconcile import run_once
+
+    _configure_logs(settings)
 
     async def main() -> None:
         stats = await run_once(settings, names, args.from_)
@@ -262,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="START",
         help="one-off back-fill from START (beginning, now or a record _id), then exit",
     )
-    p.add_argument("--source", help="only this source (default: every enabled one)")
+    p.add_argument("--source", help="with --once / --from: only this source (default: all)")
     p.set_defaults(func=cmd_reconcile)
 
     p = sub.add_parser(

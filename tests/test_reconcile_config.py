@@ -55,3 +55,17 @@ def test_environment_overrides_and_the_seen_queue() -> None:
     assert queue.arguments == {"x-max-length": 1_000_000}
     keys = {(b.exchange, b.routing_key) for b in topo.bindings if b.queue == queue.name}
     assert keys == {("simotel.events", "tehran.Cdr"), ("simotel.events", "tehran.CdrQueue")}
+
+
+def test_the_reconcile_command_refuses_what_it_cannot_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bridge.cli import main
+
+    config = ROOT / "config.example.yaml"  # reconciliation is off there
+    assert main(["reconcile", "--once", "-c", str(config)]) == 2
+    assert "reconcile.enabled" in capsys.readouterr().err
+    assert main(["reconcile", "--from", "../etc", "-c", str(config)]) == 2
+    assert "--from" in capsys.readouterr().err
+    assert main(["reconcile", "-c", str(config)]) == 2  # the role: a configuration problem
+    assert "reconcile.enabled" in capsys.readouterr().err
