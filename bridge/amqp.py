@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import random
 import time
+from collections.abc import Mapping
 from typing import Any, cast
 
 import aio_pika
@@ -23,7 +24,7 @@ from aio_pika.connection import make_url
 from aiormq import spec
 
 from bridge import topology
-from bridge.config import AmqpSettings, HistorySettings
+from bridge.config import AmqpSettings, HistorySettings, SourceSettings
 from bridge.errors import ConfigError, PublishError
 
 log = structlog.get_logger("bridge.amqp")
@@ -79,10 +80,14 @@ class Broker:
         name: str = "simotel-bridge",
         *,
         history: HistorySettings | None = None,
+        sources: Mapping[str, SourceSettings] | None = None,
     ) -> None:
         self.settings = settings
-        # The history stream is declared with the topology only when its settings are given.
+        # The history stream is declared with the topology only when its settings are given;
+        # with the sources, so are the queues their features need (reconciliation), again after
+        # every reconnect.
         self.history = history
+        self.sources = sources
         self.name = name
         self._connection: AbstractRobustConnection | None = None
         self._up = asyncio.Event()
@@ -139,7 +144,9 @@ class Broker:
             if declare:
                 channel = await connection.channel()
                 try:
-                    await topology.declare(channel, self.settings, self.history)
+                    await topology.declare(
+                        channel, self.settings, self.history, sources=self.sources
+                    )
                 finally:
                     await channel.close()
         except BaseException:
@@ -166,7 +173,9 @@ class Broker:
             async with asyncio.timeout(30):
                 channel = await self.connection.channel()
                 try:
-                    await topology.declare(channel, self.settings, self.history)
+                    await topology.declare(
+                        channel, self.settings, self.history, sources=self.sources
+                    )
                 finally:
                     await channel.close()
         except Exception as exc:  # the next reconnect tries again

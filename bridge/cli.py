@@ -235,6 +235,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         webhook_username=args.webhook_user,
         webhook_password=args.webhook_password,
         delivery=args.delivery,
+        drop_webhooks=args.drop_webhooks,
         calls_per_minute=args.rate,
         time_scale=args.time_scale,
         components=not args.no_components,
@@ -251,6 +252,34 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         stop = asyncio.Event()
         _stop_on_signals(stop)
         await run_simulator(options, stop)
+
+    _run(main())
+    return 0
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    """`reconcile`: the reconciler role; with --once or --from, one pass and exit."""
+    import re
+
+    settings = _settings(args)
+    if args.from_ is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", args.from_):
+        print("--from: now, beginning or a record _id", file=sys.stderr)
+        return 2
+    enabled = [n for n, s in settings.sources.items() if s.reconcile.enabled]
+    names = [args.source] if args.source else enabled
+    if not names or not set(names) <= set(enabled):
+        print("no source to reconcile (a source needs reconcile.enabled)", file=sys.stderr)
+        return 2
+    if args.from_ is None and not args.once:
+        return _run_roles(args, frozenset({"reconcile"}))
+    from bridge.reconcile import run_once
+
+    _configure_logs(settings)
+
+    async def main() -> None:
+        stats = await run_once(settings, names, args.from_)
+        for name, s in stats.items():
+            print(f"{name}: {s.published} recovered, {s.seen} seen, {s.pages} pages")
 
     _run(main())
     return 0
@@ -304,6 +333,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tail)
 
     _add_replay(add)
+    p = add("reconcile", "recover Cdr / CdrQueue events whose webhook never arrived")
+    p.add_argument("--once", action="store_true", help="one pass of every feed, then exit")
+    p.add_argument(
+        "--from",
+        dest="from_",
+        metavar="START",
+        help="one-off back-fill from START (beginning, now or a record _id), then exit",
+    )
+    p.add_argument("--source", help="with --once / --from: only this source (default: all)")
+    p.set_defaults(func=cmd_reconcile)
 
     p = sub.add_parser(
         "simulate",
@@ -326,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--webhook-user", default="simotel")
     p.add_argument("--webhook-password", default="change-me")
     p.add_argument("--delivery", choices=["g4", "rest4", "get", "form"], default="g4")
+    p.add_argument(
+        "--drop-webhooks", type=float, default=0.0, help="share (0..1) of webhooks lost on the way"
+    )
     p.add_argument("--rate", type=float, default=6.0, help="calls per minute")
     p.add_argument("--time-scale", type=float, default=1.0, help="0: no waiting inside calls")
     p.add_argument("--no-components", action="store_true", help="do not call component URLs")

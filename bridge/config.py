@@ -209,11 +209,38 @@ class ComponentSettings(_Model):
         return v
 
 
+class ReconcileSettings(_Model):
+    """Recovering Cdr / CdrQueue events from Simotel's cursor endpoints (docs/reconcile.md)."""
+
+    enabled: bool = False
+    # Seconds between two walks of the cursors.
+    interval_s: float = Field(60.0, gt=0, le=86_400)
+    # Records younger than this (seconds) are left for their webhook.
+    grace_s: float = Field(120.0, ge=0, le=86_400)
+    # Where a feed without a stored cursor starts: now, beginning, or a record _id.
+    from_: str = Field("now", alias="from", max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    # Hours a call id seen on the exchange is remembered (must cover the longest outage).
+    seen_window_h: float = Field(168.0, gt=0)
+    # Cursors and seen call ids (SQLite, WAL). One file per host; see docs/reconcile.md.
+    state_path: str = "var/reconcile.sqlite3"
+    # Records a pass publishes at most (the rest waits for the next pass).
+    max_per_pass: int = Field(10_000, ge=1)
+    # The seen queue's length bound (the oldest drop first).
+    queue_max_length: int = Field(1_000_000, ge=1000)
+
+
 class SourceSettings(_Model):
     # Required: a source is open only if it says `allow_unauthenticated: true` (CONTRACT §6).
     webhook: WebhookAuth
     api: ApiSettings | None = None
     components: ComponentSettings = ComponentSettings()
+    reconcile: ReconcileSettings = ReconcileSettings()
+
+    @model_validator(mode="after")
+    def _reconcile_needs_api(self) -> SourceSettings:
+        if self.reconcile.enabled and self.api is None:
+            raise ValueError("reconcile.enabled needs the api settings of the source")
+        return self
 
 
 class WorkerSettings(_Model):

@@ -52,3 +52,52 @@ class Metrics:
         self.broker_up = Gauge(
             "simotel_bridge_broker_connected", "1 while the broker connection is usable", registry=r
         )
+
+
+class ReconcileMetrics:
+    """The reconciler's metrics (docs/reconcile.md), on the process's registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.recovered = Counter(
+            "simotel_bridge_reconcile_recovered",
+            "Events published from Simotel's cursors because their webhook never arrived",
+            ["source", "event"],
+            registry=r,
+        )
+        self.seen = Counter(
+            "simotel_bridge_reconcile_seen",
+            "Cdr / CdrQueue events the reconciler saw on the exchange",
+            ["source"],
+            registry=r,
+        )
+        self.skipped = Counter(
+            "simotel_bridge_reconcile_skipped",
+            "Cursor records not published, by reason (seen, no_call_id, ...)",
+            ["source", "feed", "reason"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "simotel_bridge_reconcile_errors",
+            "Reconciliation passes that failed, by kind (api, lock, broker, other)",
+            ["source", "kind"],
+            registry=r,
+        )
+        self.lag = Gauge(
+            "simotel_bridge_reconcile_cursor_lag_seconds",
+            "Age of the oldest record the cursor has not passed yet (0: at the table's end)",
+            ["source", "feed"],
+            registry=r,
+        )
+        self.last_success = Gauge(
+            "simotel_bridge_reconcile_last_success_timestamp_seconds",
+            "When the last complete reconciliation pass ended (epoch seconds)",
+            ["source"],
+            registry=r,
+        )
+        self.active = Gauge(
+            "simotel_bridge_reconcile_active",
+            "1 while this process is the source's active reconciler (holds the broker lock)",
+            ["source"],
+            registry=r,
+        )

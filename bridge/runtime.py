@@ -57,7 +57,10 @@ async def serve(settings: Settings, roles: frozenset[str], stop: asyncio.Event) 
     grace; a role still running after that bound is cancelled with a logged reason; the
     connections close last."""
     broker = Broker(
-        settings.amqp, name=f"simotel-bridge {'+'.join(sorted(roles))}", history=settings.history
+        settings.amqp,
+        name=f"simotel-bridge {'+'.join(sorted(roles))}",
+        history=settings.history,
+        sources=settings.sources,
     )
     ingress = "ingress" in roles
     await broker.connect(wait=not (ingress and settings.spool.enabled))
@@ -77,6 +80,7 @@ async def serve(settings: Settings, roles: frozenset[str], stop: asyncio.Event) 
         publisher = Publisher(broker)
         await publisher.start()
         stack.push_async_callback(publisher.close)
+        tasks.extend(_start_reconcilers(settings, roles, stop, broker, publisher, metrics))
         if ingress:
             sink = await EventSink.open(
                 settings,
@@ -157,6 +161,32 @@ def _watch_history(broker: Broker, metrics: Metrics, stop: asyncio.Event) -> asy
 
     history = HistoryMetrics(metrics.registry)
     return asyncio.create_task(watch(broker, history, stop), name="history-metrics")
+
+
+def _start_reconcilers(
+    settings: Settings,
+    roles: frozenset[str],
+    stop: asyncio.Event,
+    broker: Broker,
+    publisher: Publisher,
+    metrics: Metrics,
+) -> list[asyncio.Task[None]]:
+    """The reconciler of every source that enables it, in the `reconcile` role and in `run`
+    (ingress and worker together). Simotel being unreachable never touches /readyz."""
+    enabled = [name for name, s in settings.sources.items() if s.reconcile.enabled]
+    if not enabled:
+        if roles == {"reconcile"}:
+            raise ConfigError([("sources", "no source has reconcile.enabled: nothing to do")])
+        return []
+    from bridge.reconcile import run_reconcilers
+
+    # The seen queues are declared by the Broker with the rest of the topology (it has the
+    # sources), so what an ingress publishes is kept for the reconciler even while none runs.
+    tasks: list[asyncio.Task[None]] = []
+    if "reconcile" in roles or {"ingress", "worker"} <= roles:
+        reconcilers = run_reconcilers(settings, enabled, stop, broker, publisher, metrics.registry)
+        tasks.append(asyncio.create_task(reconcilers, name="reconcile"))
+    return tasks
 
 
 async def _start_when_connected(broker: Broker, components: ComponentRpc) -> None:

@@ -71,6 +71,11 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+# Body keys a console line leaves out: the event name is in the key, a recovered event's raw
+# record is long.
+_HIDDEN = ("event_name", "simotel_record")
+
+
 def render_text(exchange: str, message: AbstractIncomingMessage, colour: bool) -> str:
     """`12:01:02 event  simotel.NewState  exten=101 state=Ringing ...` (results: status first)."""
 
@@ -95,9 +100,12 @@ def render_text(exchange: str, message: AbstractIncomingMessage, colour: bool) -
     else:
         head = paint("event", "event ") + " " * 9
         if isinstance(body, dict) and is_json:
-            details = [f"{k}={_short(v)}" for k, v in body.items() if k not in ("event_name",)]
+            details = [f"{k}={_short(v)}" for k, v in body.items() if k not in _HIDDEN]
         else:
             details = [_short(body)]
+        origin = (message.headers or {}).get("origin")
+        if origin == "reconciled":  # recovered from Simotel's reports (docs/reconcile.md)
+            details.insert(0, paint("bad", "origin=reconciled"))
     stamp = f"{_DIM}{when}{_RESET}" if colour else when
     key = paint("key", message.routing_key or "")
     return f"{stamp} {head} {key}  " + " ".join(details)

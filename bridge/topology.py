@@ -11,6 +11,7 @@ Routing keys (CONTRACT §3):
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,7 @@ import aio_pika
 import aio_pika.exceptions
 from aio_pika.abc import AbstractChannel
 
-from bridge.config import AmqpSettings, HistorySettings
+from bridge.config import AmqpSettings, HistorySettings, SourceSettings
 from bridge.errors import ConfigError
 from bridge.history import HISTORY_STREAM
 
@@ -71,12 +72,19 @@ class Topology:
     bindings: tuple[Binding, ...]
 
 
-def build(amqp: AmqpSettings, history: HistorySettings | None = None) -> Topology:
+def build(
+    amqp: AmqpSettings,
+    history: HistorySettings | None = None,
+    *,
+    sources: Mapping[str, SourceSettings] | None = None,
+) -> Topology:
     """The whole topology. The history stream is in it when `history` is given and enabled:
     a caller that does not know the history settings leaves the stream alone (it cannot know
-    its retention arguments, and declaring others would fail on an existing stream)."""
+    its retention arguments, and declaring others would fail on an existing stream). With
+    `sources`, also what their enabled features need (reconciliation)."""
     ex, q = amqp.exchanges, amqp.queues
     topic = aio_pika.ExchangeType.TOPIC
+    extra = reconcile_topology(amqp, sources or {})
     core = Topology(
         exchanges=(
             # The alternate exchange first: events must never be declared without it.
@@ -107,6 +115,7 @@ def build(amqp: AmqpSettings, history: HistorySettings | None = None) -> Topolog
             Binding(q.unrouted, ex.unrouted, ""),
         ),
     )
+    core = Topology(core.exchanges, core.queues + extra.queues, core.bindings + extra.bindings)
     if history is None or not history.enabled:
         return core
     return Topology(
@@ -140,6 +149,30 @@ def history_stream(history: HistorySettings) -> Queue:
     )
 
 
+# Reconciliation (docs/reconcile.md): per source with `reconcile.enabled`, a durable queue of the
+# Cdr and CdrQueue events on the exchange, which tells the reconciler what was delivered.
+RECONCILE_EVENTS = ("Cdr", "CdrQueue")
+
+
+def reconcile_queue_name(source: str) -> str:
+    return f"simotel.reconcile.{source}"
+
+
+def reconcile_topology(amqp: AmqpSettings, sources: Mapping[str, SourceSettings]) -> Topology:
+    queues: list[Queue] = []
+    bindings: list[Binding] = []
+    for name, src in sorted(sources.items()):
+        if not src.reconcile.enabled:
+            continue
+        qname = reconcile_queue_name(name)
+        queues.append(Queue(qname, {"x-max-length": src.reconcile.queue_max_length}))
+        bindings.extend(
+            Binding(qname, amqp.exchanges.events, event_key(name, event))
+            for event in RECONCILE_EVENTS
+        )
+    return Topology((), tuple(queues), tuple(bindings))
+
+
 def queue(amqp: AmqpSettings, name: str) -> Queue:
     """The declaration of one of the topology's queues (for consumers that declare it on a
     robust channel, so it is restored with them after a reconnect)."""
@@ -150,10 +183,14 @@ def queue(amqp: AmqpSettings, name: str) -> Queue:
 
 
 async def declare(
-    channel: AbstractChannel, amqp: AmqpSettings, history: HistorySettings | None = None
+    channel: AbstractChannel,
+    amqp: AmqpSettings,
+    history: HistorySettings | None = None,
+    *,
+    sources: Mapping[str, SourceSettings] | None = None,
 ) -> Topology:
     """Declare every exchange, queue and binding; safe to run at every start."""
-    topo = build(amqp, history)
+    topo = build(amqp, history, sources=sources)
     for e in topo.exchanges:
         await channel.declare_exchange(e.name, e.type, durable=True, arguments=e.arguments)
     for qu in topo.queues:

@@ -229,10 +229,10 @@ async def test_http_errors_as_documented() -> None:
         assert (r.status_code, r.json()["message"]) == (403, "/pbx/users/add;Access denied")
         r = await client.get("pbx/users/search")
         assert (r.status_code, r.json()["message"]) == (405, "Method not allowed")
+        r = await client.delete("pbx/users/search")
+        assert (r.status_code, r.json()["message"]) == (405, "Method not allowed")
         r = await client.post(
-            "pbx/users/search",
-            content=b"alike=true",
-            headers={"content-type": "application/x-www-form-urlencoded"},
+            "pbx/users/search", content=b"alike=true", headers={"content-type": "text/plain"}
         )
         assert (r.status_code, r.json()["message"]) == (415, "Unsupported Media Type")
         r = await client.post("pbx/announcements/upload", json={"file": "x"})

@@ -10,6 +10,7 @@ import binascii
 import hmac
 import ipaddress
 import random
+import re
 from typing import Any, Protocol
 
 import orjson
@@ -28,8 +29,12 @@ from bridge.simulator.state import Record, SimState
 
 log = structlog.get_logger("bridge.simulator.api")
 
-# Every v4 sample uses POST; the ping page's JS and curl samples use PUT.
-_EXTRA_METHODS = {"setting/ping/act": ("PUT",)}
+# Every v4 sample uses POST, the ping page's JS and curl samples PUT, and clients send either
+# (simotel-connect: PUT for most calls, multipart PUT for uploads, POST or GET for downloads).
+# Simotel serves them alike, so does the simulator: POST and PUT everywhere, GET for downloads.
+_METHODS = ("POST", "PUT")
+_DOWNLOAD_METHODS = ("POST", "PUT", "GET")
+_MAX_FIELDS = 1000  # form / query fields read at most
 
 
 class EventSink(Protocol):
@@ -123,9 +128,8 @@ class _Api:
         endpoint = CATALOG.get(service)
         if endpoint is None:
             return replies.NO_SERVICE, faults.NO_FAULT
-        if request.method != endpoint.method and request.method not in _EXTRA_METHODS.get(
-            service, ()
-        ):
+        allowed = _DOWNLOAD_METHODS if endpoint.is_download else _METHODS
+        if request.method not in allowed:
             return replies.METHOD_NOT_ALLOWED, faults.NO_FAULT
         if service in opts.denied_paths:
             return replies.access_denied(service), faults.NO_FAULT
@@ -167,32 +171,74 @@ class _Api:
 
 
 async def _read(request: Request, *, upload: bool) -> tuple[dict[str, Any], Upload | None] | Reply:
-    """The JSON body (an object), or the multipart `file` of an upload; 415 / 400 as Simotel."""
+    """The request's parameters, as Simotel reads them: the query string, overridden by a JSON
+    object body or a form (urlencoded or multipart, `a[b]=c` nesting as PHP reads it); the
+    multipart `file` of an upload. 415 / 400 as Simotel."""
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if upload:
-        if media != "multipart/form-data":
-            return replies.UNSUPPORTED_MEDIA
+    query = nest(list(request.query_params.multi_items())[:_MAX_FIELDS])
+    if upload and media != "multipart/form-data":
+        return replies.UNSUPPORTED_MEDIA
+    if media in ("multipart/form-data", "application/x-www-form-urlencoded"):
         try:
-            async with request.form() as form:
-                item = form.get("file")
-                if not isinstance(item, UploadFile):
-                    return {}, None
-                data = await item.read()
-                return {}, Upload(item.filename or "file", item.content_type or "", data)
+            async with request.form(max_files=1, max_fields=_MAX_FIELDS) as form:
+                fields: list[tuple[str, str]] = []
+                file: Upload | None = None
+                for key, value in form.multi_items():
+                    if isinstance(value, UploadFile):
+                        if key == "file" and file is None:
+                            data = await value.read()
+                            file = Upload(value.filename or "file", value.content_type or "", data)
+                    else:
+                        fields.append((key, value))
+                return {**query, **nest(fields)}, file
         except Exception:  # python-multipart's parse errors are not one class
             return replies.BAD_CONTENT
-    if media != "application/json":
-        return replies.UNSUPPORTED_MEDIA
     raw = await request.body()
     if not raw.strip():
-        return {}, None
+        return query, None
+    if media != "application/json" and not media.endswith("+json"):
+        return replies.UNSUPPORTED_MEDIA
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return replies.BAD_CONTENT
     if not isinstance(body, dict):
         return replies.BAD_CONTENT
-    return body, None
+    return {**query, **body}, None
+
+
+_BRACKETS = re.compile(r"\[([^\[\]]*)\]")
+
+
+def nest(pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    """Form or query pairs as PHP reads them: `conditions[from]=1` is `{"conditions": {"from":
+    "1"}}`, `numbers[]=1&numbers[]=2` a list; a plain key sent twice keeps the last value."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        head, _, rest = key.partition("[")
+        parts = [head, *_BRACKETS.findall("[" + rest)] if rest else [head]
+        node: Any = out
+        for i, part in enumerate(parts[:8]):  # a bounded depth
+            last = i == len(parts) - 1 or i == 7
+            if isinstance(node, list):
+                if last:
+                    node.append(value)
+                    break
+                node.append({})
+                node = node[-1]
+                continue
+            if last:
+                node[part] = value
+                break
+            nxt = parts[i + 1]
+            child = node.get(part)
+            if nxt == "":
+                if not isinstance(child, list):
+                    child = node[part] = []
+            elif not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+    return out
 
 
 def create_api_app(

@@ -23,6 +23,10 @@ from bridge.simulator.state import Record, SimState
 
 log = structlog.get_logger("bridge.simulator.calls")
 
+# The longest a simulated call lasts (simulated seconds); calls under a time_scale below 1 start
+# this much earlier (scaled), so that their times are never ahead of the clock.
+MAX_CALL_S = 300.0
+
 
 def _flat(payload: Mapping[str, Any]) -> dict[str, str]:
     """Query/form values are strings; nested values travel as JSON text (webhooks.md leaves
@@ -76,6 +80,8 @@ class CallGenerator:
         self.rng = rng or random.Random(options.seed)
         self.busy: set[str] = set()
         self.sent = 0
+        self.dropped = 0
+        self.drop_rng = random.Random(None if options.seed is None else options.seed + 2)
         self._seq = self.rng.randint(100, 999)
         self._tasks: set[asyncio.Task[None]] = set()
         self._auth: httpx.BasicAuth | None = None
@@ -101,12 +107,16 @@ class CallGenerator:
         )
 
     def new_call(self) -> flows.Call:
-        """A call starting now, with the next `<epoch>.<seq>` unique id."""
+        """A call starting now, with the next `<epoch>.<seq>` unique id. With `time_scale`
+        below 1 simulated time runs ahead of the clock, so the call starts in the past (by at
+        most MAX_CALL_S): no time in a webhook or a record is ever in the future."""
         self._seq += 1
         now = self.state.clock()
+        scale = self.options.time_scale
+        start = now - (1 - scale) * MAX_CALL_S if scale < 1 else now
         return flows.Call(
-            f"{int(now)}.{self._seq}",
-            now,
+            f"{int(start)}.{self._seq}",
+            start,
             random.Random(self.rng.random()),
             self.pbx(),
             components=self.options.components_base is not None,
@@ -114,14 +124,19 @@ class CallGenerator:
 
     # playing
 
-    async def play(self, flow: flows.Flow) -> None:
-        """Run one flow to its end, pacing its steps by `time_scale`."""
+    async def play(self, flow: flows.Flow, call: flows.Call | None = None) -> None:
+        """Run one flow to its end, pacing its steps by `time_scale`. With the flow's `call`,
+        no webhook leaves before the clock reaches the times it carries."""
         answer: flows.Answer = None
         try:
             step = next(flow)
             while True:
                 if step.after > 0 and self.options.time_scale > 0:
                     await asyncio.sleep(step.after * self.options.time_scale)  # simulated time
+                if call is not None and isinstance(step, flows.Send):
+                    ahead = call.now() - self.state.clock()
+                    if ahead > 0:
+                        await asyncio.sleep(ahead)  # pacing: a time in a webhook is never ahead
                 if isinstance(step, flows.Send):
                     self._track(step.payload)
                     await self.deliver(step.event, step.payload)
@@ -141,9 +156,16 @@ class CallGenerator:
                 self.busy.add(exten)
 
     async def deliver(self, event: str, payload: Record) -> None:
-        """Send one event webhook, best effort and once, like Simotel; the state learns it."""
+        """Send one event webhook, best effort and once, like Simotel; the state learns it.
+        A share `drop_webhooks` of them is lost on the way (the reports still have them)."""
         self.state.learn(event, payload)
         if not self.options.event_url:
+            return
+        if self.options.drop_webhooks and self.drop_rng.random() < self.options.drop_webhooks:
+            self.dropped += 1
+            log.info(
+                "webhook dropped (fault)", webhook_event=event, call_id=payload.get("unique_id")
+            )
             return
         request = event_request(self.options.event_url, self.options.delivery, event, payload)
         try:
@@ -185,7 +207,7 @@ class CallGenerator:
         too_few = 1 if scenario == "outbound" else 2 if scenario == "internal" else 0
         if len(c.pbx.extensions) < too_few:
             scenario = "inbound"
-        await self.play(scenarios.SCENARIOS[scenario](c))
+        await self.play(scenarios.SCENARIOS[scenario](c), c)
         return c.unique_id
 
     # background work
@@ -211,7 +233,7 @@ class CallGenerator:
     async def _originate(self, request: OriginateRequest) -> None:
         await asyncio.sleep(self.options.originate_delay)  # the PBX starts dialling
         c = self.new_call()
-        await self.play(scenarios.originate(c, request, self.options.originate_answer_rate))
+        await self.play(scenarios.originate(c, request, self.options.originate_answer_rate), c)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Start calls at `calls_per_minute` (Poisson arrivals; the first at once) until stop."""

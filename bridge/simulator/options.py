@@ -57,6 +57,8 @@ class SimulatorOptions:
     webhook_username: str | None = "simotel"
     webhook_password: str | None = "change-me"
     delivery: Delivery = "g4"
+    # Share (0..1) of event webhooks lost on the way, to show what reconciliation recovers.
+    drop_webhooks: float = 0.0
     # Simotel waits 1 s for a component's answer.
     component_timeout: float = 1.0
     # Call generator: calls started per minute (0: none; originate and API side effects still

@@ -4,7 +4,6 @@ agent operations (runtime membership, with the nested `ok`/`Data` answers). Pure
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 from bridge.simulator import media
@@ -27,13 +26,11 @@ def _plain(value: Any) -> str:
 
 
 def parse_time(text: Any) -> float | None:
-    """`2021-02-19 15:17` (or with seconds, or a date) as UTC epoch seconds; None if unreadable."""
-    for fmt in ("%Y-%m-%d %H:%M", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d"):
-        try:
-            return datetime.strptime(str(text), fmt).replace(tzinfo=UTC).timestamp()
-        except ValueError:
-            continue
-    return None
+    """`2021-02-19 15:17` (or with seconds, or a date) as UTC epoch seconds; a Jalali date
+    (`1399-12-01 15:17`) too, as Simotel reads both; None if unreadable."""
+    from bridge.cdr import to_epoch
+
+    return to_epoch(text) if isinstance(text, str) else None
 
 
 def select(

@@ -125,10 +125,23 @@ def _int(v: Any) -> int:
         return 0
 
 
+def _times(state: SimState, p: Record, duration: int) -> tuple[float, float]:
+    """(start, end) of a call from its webhook's `starttime`/`endtime`, so the table and the
+    webhooks agree; from the clock when the payload does not say."""
+    from bridge.cdr import to_epoch
+
+    end = to_epoch(p.get("endtime"))
+    start = to_epoch(p.get("starttime"))
+    if end is None:
+        end = state.clock() if start is None else start + duration
+    if start is None:
+        start = end - duration
+    return start, end
+
+
 def _learn_cdr(state: SimState, p: Record) -> None:
-    now = state.clock()
     duration, billsec, wait = _int(p.get("duration")), _int(p.get("billsec")), _int(p.get("wait"))
-    start = now - duration
+    start, now = _times(state, p, duration)
     disposition = str(p.get("disposition", "ANSWERED"))
     call_type = str(p.get("type", "incoming"))
     record: Record = {
@@ -178,8 +191,8 @@ def _learn_cdr(state: SimState, p: Record) -> None:
 
 
 def _learn_cdr_queue(state: SimState, p: Record) -> None:
-    now = state.clock()
     duration, billsec, wait = _int(p.get("duration")), _int(p.get("billsec")), _int(p.get("wait"))
+    start, now = _times(state, p, duration)
     disposition = str(p.get("disposition", "ANSWERED"))
     common: Record = {
         "duration": duration,
@@ -202,23 +215,23 @@ def _learn_cdr_queue(state: SimState, p: Record) -> None:
         "agent_wait": _int(p.get("agent_wait")),
         "queue_id": p.get("unique_id", ""),
         "dst_name": p.get("dst", ""),
-        "starttime": media.jalali(now - duration),
+        "starttime": media.jalali(start),
         "endtime": media.mongo_date(now),
-        "ringtime": media.mongo_date(now - duration),
+        "ringtime": media.mongo_date(start),
         "queue_status": p.get("queue_status", "CONTINUE"),
         "v": 0,
     }
-    state.insert("queue_stat", stat, ts=now - duration)
+    state.insert("queue_stat", stat, ts=start)
     report = {
         **common,
         "type": "queue_report",
         "queue_id": p.get("unique_id", ""),
         "tries": len(p.get("detail") or []) or 1,
         "last_try": media.mongo_date(now),
-        "start": media.jalali(now - duration),
+        "start": media.jalali(start),
         "dst_name": p.get("dst", ""),
     }
-    state.insert("queue_report", report, ts=now - duration)
+    state.insert("queue_report", report, ts=start)
 
 
 def _learn_survey(state: SimState, p: Record) -> None:
