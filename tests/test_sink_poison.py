@@ -162,9 +162,9 @@ async def test_a_broker_that_refuses_everything_quarantines_nothing(
     events, sent = traffic(calls=3, per_call=3)
     try:
         assert {await stack.sink.accept(e) for e in events} == {"spool"}
-        async with asyncio.timeout(30):  # several comparisons happen meanwhile
-            while stack.metric("simotel_bridge_spool_replay_failures_total") < 12:
-                await asyncio.sleep(0.05)
+        # It cannot drain; meanwhile the head is refused, compared, refused again, ...
+        assert not await stack.sink.wait_drained(3.0)
+        assert stack.metric("simotel_bridge_spool_replay_failures_total") >= 6
         assert stack.sink.status()["quarantined"] == 0
         assert stack.metric("simotel_bridge_spool_quarantined_total", reason="refused") == 0
         await blocker.delete(if_unused=False, if_empty=False)
