@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -302,3 +303,51 @@ def test_a_dead_copy_is_given_up_after_its_attempts(tmp_path: Path) -> None:
         (b, "failed", 2),
     ]
     assert spool.pending_dead_copies(10) == []
+
+
+def spool_config(tmp_path: Path) -> Path:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        textwrap.dedent(f"""\
+            sources:
+              simotel:
+                webhook: {{username: simotel, password: secret}}
+            spool:
+              path: {tmp_path / "spool.sqlite3"}
+            """)
+    )
+    return config
+
+
+def test_spool_command_lists_requeues_and_drops(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bridge.cli import main
+
+    config = str(spool_config(tmp_path))
+    spool = open_spool(tmp_path / "spool.sqlite3")
+    seqs = [spool.append(event(n)) for n in range(3)]
+    spool.quarantine(seqs[0], "refused: ChannelNotFoundEntity")
+    spool.quarantine(seqs[2], "undecodable: JSONDecodeError")
+    # While the bridge holds the spool, the command changes nothing and says why.
+    assert main(["spool", "requeue", "--all", "-c", config]) == 1
+    assert "in use by a running bridge" in capsys.readouterr().err
+    spool.close()
+
+    assert main(["spool", "list", "-c", config]) == 0
+    out, err = capsys.readouterr()
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [(r["id"], r["reason"], r["message_id"]) for r in rows] == [
+        (seqs[0], "refused: ChannelNotFoundEntity", "m-0"),
+        (seqs[2], "undecodable: JSONDecodeError", "m-2"),
+    ]
+    assert "2 quarantined, 1 spooled" in err
+    assert main(["spool", "requeue", "-c", config]) == 2  # neither ids nor --all
+    capsys.readouterr()
+    assert main(["spool", "requeue", str(seqs[2]), "-c", config]) == 0
+    assert main(["spool", "drop", "--all", "-c", config]) == 0
+    assert "1 event(s) deleted" in capsys.readouterr().out
+    spool = open_spool(tmp_path / "spool.sqlite3")
+    assert [s.event.message_id for s in spool.peek(10)] == ["m-1", "m-2"]
+    assert spool.quarantine_depth == 0
+    spool.close()
