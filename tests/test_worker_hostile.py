@@ -10,6 +10,7 @@ import asyncio
 from pathlib import Path
 
 import aio_pika
+import pytest
 from aio_pika.abc import AbstractRobustConnection
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
@@ -17,6 +18,8 @@ from test_worker_support import WAIT, Bus, FakeSimotel, assembled_worker, header
 
 from bridge.commands import parse_result
 from bridge.config import Settings
+
+pytestmark = [pytest.mark.broker]
 
 
 def with_api_key(settings: Settings, key: str) -> Settings:
