@@ -194,6 +194,8 @@ class Worker:
         self._queue: AbstractQueue | None = None
         self._tag: ConsumerTag | None = None
         self._purged_at = 0.0
+        q = settings.amqp.queues
+        self._own_queues = frozenset({q.commands, q.dead, q.unrouted})
 
     @property
     def window(self) -> int:
@@ -521,8 +523,12 @@ class Worker:
             await self.publisher.publish(amqp.exchanges.dead, key, dead_letter(env, result))
 
         steps: list[Callable[[], Awaitable[None]]] = [to_results]
-        if env.reply_to:
+        if env.reply_to and env.reply_to not in self._own_queues:
             steps.append(to_reply_to)
+        elif env.reply_to:
+            # A result published into the command queue would come back as a (rejected)
+            # command: one message could make the worker answer itself.
+            log.warning("reply_to names one of the bridge's own queues: no reply sent")
         if needs_dead_letter(result.status) or result.reason == UNPUBLISHABLE:
             steps.append(to_dead)
         return steps
