@@ -4,8 +4,10 @@ shaping results. No broker, no server."""
 from __future__ import annotations
 
 import base64
+import ssl
 from datetime import UTC, datetime
 
+import httpx
 import orjson
 import pytest
 from hypothesis import given
@@ -34,7 +36,7 @@ from bridge.commands import (
     safe_id,
     transport_failure,
 )
-from bridge.simotel import TokenBucket, backoff_delay
+from bridge.simotel import TokenBucket, backoff_delay, describe_error
 
 ONE = ("simotel",)
 ORIGINATE = {"caller": "557", "callee": "09155151515", "context": "out", "caller_id": "557"}
@@ -465,3 +467,40 @@ def test_backoff_delay() -> None:
     assert backoff_delay(1, 0.2, 5, lambda: 1.0) == pytest.approx(0.2)
     assert backoff_delay(3, 0.2, 5, lambda: 1.0) == pytest.approx(0.8)
     assert backoff_delay(10, 0.2, 5, lambda: 0.5) == pytest.approx(3.75)
+
+
+def _chained(exc: BaseException, cause: BaseException) -> BaseException:
+    exc.__cause__ = cause
+    return exc
+
+
+@pytest.mark.parametrize(
+    ("exc", "text"),
+    [
+        (httpx.ConnectTimeout("timed out to secret-host"), "connect timeout (ConnectTimeout)"),
+        (httpx.ReadTimeout("secret"), "read timeout (ReadTimeout)"),
+        (
+            httpx.LocalProtocolError("Illegal header value b'the-secret\\n'"),
+            "invalid request header (LocalProtocolError)",
+        ),
+        (
+            _chained(httpx.ConnectError("secret"), ConnectionRefusedError(111, "refused")),
+            "connection refused (ConnectError)",
+        ),
+        (
+            _chained(httpx.ConnectError("secret"), ssl.SSLCertVerificationError("secret")),
+            "tls error (ConnectError)",
+        ),
+        (
+            httpx.RemoteProtocolError("secret"),
+            "protocol error from the server (RemoteProtocolError)",
+        ),
+        (
+            UnicodeEncodeError("ascii", "the-secreté", 10, 11, "secret"),
+            "invalid request header (UnicodeEncodeError)",
+        ),
+        (RuntimeError("secret"), "unexpected error (RuntimeError)"),
+    ],
+)
+def test_http_errors_are_described_without_their_text(exc: BaseException, text: str) -> None:
+    assert describe_error(exc) == text
