@@ -16,9 +16,10 @@ Poison never blocks the line. A spooled row is moved to the spool's quarantine w
 - it cannot be decoded (`undecodable`), or the client library refuses to encode it
   (`unpublishable`): no broker is involved, so at once;
 - the broker refused it `poison_attempts` times in a row while connected (a nack, a channel or
-  connection closed while publishing exactly that row, a frame error), AND an event of another
-  call, published alone right after, is confirmed (`refused`). A broker that takes nothing (an
-  outage, a queue that refuses everything) is never a reason to quarantine.
+  connection closed while publishing exactly that row, a frame error), AND another spooled event
+  (of another call when there is one), published alone right after, is confirmed (`refused`).
+  A broker that takes nothing (an outage, a queue that refuses everything) is never a reason to
+  quarantine.
 Each quarantined event is copied to the dead-letter exchange with a `reason` header once the
 broker takes the copy; the rows behind it go on in their order.
 """
@@ -311,7 +312,10 @@ class EventSink:
         while not self._stopping.is_set():
             if self._mode == "broker":
                 if self._dead_copies_due():
-                    await self._send_dead_copies()
+                    try:
+                        await self._send_dead_copies()
+                    except Exception:  # the replayer must outlive anything unexpected
+                        log.exception("replayer: sending dead-letter copies failed")
                     if self._dead_copies_due():  # one failed: try again after a pause
                         await self._wait_for_broker(delay)
                         delay = min(delay * 2, self.backoff[1])
@@ -370,8 +374,10 @@ class EventSink:
         if self._probe:  # the last attempt failed: try the head alone before a whole window
             head = window[0]
             refused, _ = self._refusals.get(head.seq, (0, ""))
-            if refused >= self.poison_attempts and len(window) > 1:
-                return await self._compare(head, window[1])
+            if refused >= self.poison_attempts and len(batch) > 1:
+                # Another call's event when there is one; else the next event of the same call
+                # (if it passes while the head is refused, the head is what the broker refuses).
+                return await self._compare(head, window[1] if len(window) > 1 else batch[1])
             window = window[:1]
         results = await asyncio.gather(
             *(self._publish(s.event) for s in window), return_exceptions=True
@@ -406,10 +412,9 @@ class EventSink:
         return confirmed > 0
 
     async def _compare(self, head: Spooled, other: Spooled) -> bool:
-        """The head was refused `poison_attempts` times while connected. Publish an event of
-        another call alone (never reordering a call): if the broker takes it, the head is
-        poison and goes to the quarantine; if not, the broker takes nothing, which is not the
-        head's fault (its count starts again)."""
+        """The head was refused `poison_attempts` times while connected. Publish `other` alone:
+        if the broker takes it, the head is poison and goes to the quarantine; if not, the
+        broker takes nothing, which is not the head's fault (its count starts again)."""
         try:
             await self._publish(other.event)
         except asyncio.CancelledError as exc:

@@ -175,3 +175,23 @@ async def test_a_broker_that_refuses_everything_quarantines_nothing(
         await conn.close()
     delivery = check_delivery(sent, await read_queue(amqp_url))
     assert delivery.ok, delivery
+
+
+async def test_a_refused_row_is_quarantined_even_with_only_its_own_call_behind_it(
+    amqp_url: str, tmp_path: Path
+) -> None:
+    """Events without another call to compare with (one call, or events without a call id on
+    one routing key): the next event of the same call is the comparison."""
+    settings = make_settings(amqp_url, tmp_path)
+    await declare_audit(amqp_url)
+    events, sent = traffic(calls=1, per_call=4)
+    events.insert(0, replace(make_event("c0", 99), exchange="no-such-exchange"))
+    spool_file(settings, events)
+    stack = await open_stack(settings, poison_attempts=2, backoff=(0.05, 0.3))
+    try:
+        await drained(stack)
+        assert stack.metric("simotel_bridge_spool_quarantined_total", reason="refused") == 1
+    finally:
+        await stack.close()
+    delivery = check_delivery(sent, await read_queue(amqp_url))
+    assert delivery.ok, delivery
