@@ -104,6 +104,8 @@ def command_body(action: Any, data: Any, extra: dict[str, Any]) -> bytes:
 
 
 bodies = st.one_of(
+    # a catalogued action with hostile data: these reach Simotel (wrong types and all)
+    st.builds(command_body, st.sampled_from(ACTIONS), hostile_data, st.just({})),
     st.builds(command_body, hostile_actions, hostile_data, st.just({})),
     st.builds(
         command_body,
@@ -146,7 +148,7 @@ class Hostile:
 hostile_commands = st.builds(
     Hostile,
     body=bodies,
-    message_id=st.one_of(st.none(), shortstr()),
+    message_id=st.one_of(st.none(), shortstr(), st.uuids().map(str)),
     headers=hostile_headers,
     routing_key=st.one_of(st.just("simotel.x"), shortstr()),
     reply_to=st.one_of(
