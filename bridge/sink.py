@@ -15,8 +15,9 @@ A restart replays whatever the spool holds (`start`). See docs/durability.md for
 Poison never blocks the line. A spooled row is moved to the spool's quarantine when
 - it cannot be decoded (`undecodable`), or the client library refuses to encode it
   (`unpublishable`): no broker is involved, so at once;
-- the broker refused it `poison_attempts` times in a row while connected (a nack, a channel or
-  connection closed while publishing exactly that row, a frame error), AND another spooled event
+- the broker refused it `poison_attempts` times while connected (`is_refusal`: a nack, the
+  channel closed because of it, the connection closed on its frame; a timeout or a lost
+  connection does not count), AND another spooled event
   (of another call when there is one), published alone right after, is confirmed (`refused`).
   A broker that takes nothing (an outage, a queue that refuses everything) is never a reason to
   quarantine.
@@ -32,6 +33,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, ParamSpec, TypeVar
 
+import aiormq.exceptions
 import orjson
 import structlog
 from aiormq import spec
@@ -130,6 +132,20 @@ def ordered_window(batch: list[Spooled]) -> list[Spooled]:
         seen.add(key)
         window.append(s)
     return window
+
+
+def is_refusal(exc: PublishError) -> bool:
+    """Whether the broker refused this very message (a nack; the channel closed because of it:
+    unknown exchange, precondition, access; the connection closed on its frame), as opposed to
+    being slow or gone (a timeout, a lost connection), which says nothing about the message."""
+    return isinstance(
+        exc.__cause__,
+        aiormq.exceptions.DeliveryError
+        | aiormq.exceptions.ConnectionFrameError
+        | aiormq.exceptions.ChannelNotFoundEntity
+        | aiormq.exceptions.ChannelPreconditionFailed
+        | aiormq.exceptions.ChannelAccessRefused,
+    )
 
 
 def cancelling() -> bool:
@@ -407,8 +423,9 @@ class EventSink:
                 await self._quarantine(row, "unpublishable", f"{type(error).__name__}: {error}")
                 self._probe = False
                 return True
-            refused, _ = self._refusals.get(row.seq, (0, ""))
-            self._refusals[row.seq] = (refused + 1, f"{type(error).__name__}: {error}")
+            if isinstance(error, PublishError) and is_refusal(error):
+                refused, _ = self._refusals.get(row.seq, (0, ""))
+                self._refusals[row.seq] = (refused + 1, f"{type(error).__name__}: {error}")
         return confirmed > 0
 
     async def _compare(self, head: Spooled, other: Spooled) -> bool:

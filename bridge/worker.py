@@ -39,7 +39,6 @@ from datetime import UTC
 from typing import Any
 
 import aio_pika.exceptions
-import aiormq.exceptions
 import httpx
 import structlog
 from aio_pika.abc import (
@@ -78,6 +77,7 @@ from bridge.config import Settings
 from bridge.dedupe import StateStore
 from bridge.errors import ConfigError, PublishError
 from bridge.simotel import SimotelClient
+from bridge.sink import is_refusal
 
 log = structlog.get_logger("bridge.worker")
 
@@ -601,20 +601,6 @@ def _channel_gone(message: AbstractIncomingMessage) -> bool:
         return message.channel.is_closed
     except aio_pika.exceptions.ChannelInvalidStateError:
         return True
-
-
-def is_refusal(exc: PublishError) -> bool:
-    """Whether the broker refused this very message (a nack; a channel closed because of it;
-    a connection closed on its frame), rather than being slow or gone."""
-    cause = exc.__cause__
-    return isinstance(
-        cause,
-        aiormq.exceptions.DeliveryError
-        | aiormq.exceptions.ConnectionFrameError
-        | aiormq.exceptions.ChannelNotFoundEntity
-        | aiormq.exceptions.ChannelPreconditionFailed
-        | aiormq.exceptions.ChannelAccessRefused,
-    )
 
 
 def safe_result(result: Result, why: str) -> Result:
