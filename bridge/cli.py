@@ -285,6 +285,73 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_spool(args: argparse.Namespace) -> int:
+    """`spool list | requeue | drop`: the quarantine of the local spool (events the broker would
+    not take). Works on the spool file while the bridge is stopped: a running bridge holds the
+    file's lock, and then this says so and changes nothing."""
+    import datetime
+
+    import orjson
+
+    from bridge.spool import Spool, SpoolFull
+
+    settings = _settings(args)
+    path = Path(settings.spool.path)
+    if not path.exists():
+        print(f"no spool file at {path}", file=sys.stderr)
+        return 0 if args.action == "list" else 1
+    s = settings.spool
+    try:
+        spool = Spool(path, max_messages=s.max_messages, max_bytes=s.max_bytes, lock_timeout=0.5)
+    except SpoolFull as exc:
+        if exc.reason == "locked":
+            print(
+                f"{path} is in use by a running bridge: stop it first "
+                "(the spool has one owner at a time)",
+                file=sys.stderr,
+            )
+            return 1
+        raise
+    try:
+        if args.action == "list":
+            rows = spool.quarantined()
+            for q in rows:
+                line = {
+                    "id": q.seq,
+                    "quarantined_at": datetime.datetime.fromtimestamp(
+                        q.quarantined_at, datetime.UTC
+                    ).isoformat(timespec="seconds"),
+                    "reason": q.reason,
+                    "dead_copy": q.dead_copy,
+                    "routing_key": _printable(q.routing_key),
+                    "message_id": _printable(q.message_id),
+                    "size": q.size,
+                }
+                print(orjson.dumps(line).decode())
+            print(f"{len(rows)} quarantined, {spool.depth} spooled", file=sys.stderr)
+            return 0
+        ids = None if args.all else args.ids
+        if not ids and not args.all:
+            print("name the ids to act on, or --all", file=sys.stderr)
+            return 2
+        if args.action == "requeue":
+            new = spool.requeue(ids)
+            print(f"{len(new)} event(s) back in the spool: published when the bridge starts")
+        else:
+            done = spool.drop(ids if ids is not None else [q.seq for q in spool.quarantined()])
+            print(f"{done} event(s) deleted from the quarantine")
+        return 0
+    finally:
+        spool.close()
+
+
+def _printable(value: object, limit: int = 120) -> str:
+    """A stored value for a terminal: text without control characters, cut short."""
+    text = value if isinstance(value, str) else repr(value)
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="simotel-bridge",
@@ -343,6 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--source", help="with --once / --from: only this source (default: all)")
     p.set_defaults(func=cmd_reconcile)
+    p = add("spool", "list, re-queue or drop quarantined spool events (bridge stopped)")
+    p.add_argument("action", choices=["list", "requeue", "drop"])
+    p.add_argument("ids", nargs="*", type=int, metavar="ID", help="quarantine ids (from list)")
+    p.add_argument("--all", action="store_true", help="every quarantined event")
+    p.set_defaults(func=cmd_spool)
 
     p = sub.add_parser(
         "simulate",

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import mimetypes
+import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,6 +36,40 @@ _AGENT_OPS = frozenset(
     for op in ("add", "pause", "resume", "remove")
 )
 _SNIPPET = 300
+# A command's message_id becomes the result's and, as `{id}:dead`, the dead letter's message_id
+# (an AMQP shortstr: 255 bytes). Longer ids are refused (`bad_message_id`).
+MAX_ID_BYTES = 200
+MAX_HEADER_TEXT = 512  # bytes of a text (an error) copied into a header
+MAX_COPIED_HEADERS = 4096  # bytes of a command's own headers copied into its dead letter
+_MAX_QUOTED = 80  # characters of a hostile value quoted in an error
+# A MIME type: type "/" subtype, then optional ";" parameters, all printable ASCII.
+_TOKEN = r"[A-Za-z0-9!#$&^_.+-]{1,64}"
+_MIME = re.compile(rf"{_TOKEN}/{_TOKEN}([ \t]*;[ \t]*[ -~]{{1,100}})?")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+MAX_FILENAME_BYTES = 255
+
+
+def fit(value: str, limit: int) -> str:
+    """`value` cut to at most `limit` UTF-8 bytes, on a character boundary."""
+    # folds into bridge.wire once it lands
+    raw = value.encode("utf-8", "replace")
+    return value if len(raw) <= limit else raw[:limit].decode("utf-8", "ignore")
+
+
+def safe_id(value: str, limit: int = MAX_ID_BYTES) -> str:
+    """An id that fits `limit` bytes: `value` itself when it does, else its head and a hash of
+    the whole (stable, so the same over-long id always maps to the same one)."""
+    # folds into bridge.wire once it lands
+    raw = value.encode("utf-8", "replace")
+    if len(raw) <= limit:
+        return value
+    return f"{fit(value, limit - 17)}~{hashlib.sha256(raw).hexdigest()[:16]}"
+
+
+def quoted(value: Any) -> str:
+    """A value from a message, for an error text: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= _MAX_QUOTED else text[: _MAX_QUOTED - 3] + "..."
 
 
 class InvalidCommand(CommandError):
@@ -201,7 +237,9 @@ def resolve_source(env: Envelope, sources: Collection[str]) -> str:
     if "source" in env.headers:
         named = _text(env.headers["source"])
         if named is None or named not in sources:
-            raise InvalidCommand("unknown_source", f"header source {named!r} is not configured")
+            raise InvalidCommand(
+                "unknown_source", f"header source {quoted(named)} is not configured"
+            )
         return named
     first = env.routing_key.split(".", 1)[0]
     if first in sources:
@@ -225,7 +263,7 @@ def command_deadline(env: Envelope) -> float | None:
                 when = datetime.fromisoformat(text or "")
             except ValueError:
                 raise InvalidCommand(
-                    "bad_deadline", f"header deadline {raw!r} is not an ISO 8601 time"
+                    "bad_deadline", f"header deadline {quoted(raw)} is not an ISO 8601 time"
                 ) from None
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
@@ -249,15 +287,24 @@ def _upload_file(data: dict[str, Any]) -> tuple[UploadFile, dict[str, str]]:
         raw = base64.b64decode(content, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidCommand("bad_file", "data.file.content_base64 is not valid base64") from None
+    # Both go into the multipart part's headers: a CR/LF there would add headers of its own.
+    if _CONTROL.search(name) or len(name.encode()) > MAX_FILENAME_BYTES:
+        raise InvalidCommand(
+            "bad_file", "data.file.filename has control characters or is over 255 bytes"
+        )
     ctype = spec.get("content_type")
-    if not isinstance(ctype, str) or not ctype:
+    if ctype not in (None, "") and (not isinstance(ctype, str) or not _MIME.fullmatch(ctype)):
+        raise InvalidCommand("bad_file", "data.file.content_type is not a MIME type (type/subtype)")
+    if not ctype:
         ctype = mimetypes.guess_type(name)[0] or "application/octet-stream"
     form: dict[str, str] = {}
     for key, value in data.items():
         if key == "file":
             continue
         if isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise InvalidCommand("bad_data", f"upload field {key!r} must be a string or number")
+            raise InvalidCommand(
+                "bad_data", f"upload field {quoted(key)} must be a string or number"
+            )
         form[key] = str(value)
     return UploadFile(name, raw, ctype), form
 
@@ -265,6 +312,10 @@ def _upload_file(data: dict[str, Any]) -> tuple[UploadFile, dict[str, str]]:
 def parse_command(env: Envelope, sources: Collection[str], *, fallback_id: str = "") -> Command:
     """Validate a delivery into a Command, or raise InvalidCommand. `command_id` is the
     message_id, or `fallback_id` for a (retry-safe) command without one."""
+    if env.message_id and len(env.message_id.encode()) > MAX_ID_BYTES:
+        raise InvalidCommand(
+            "bad_message_id", f"message_id is over {MAX_ID_BYTES} bytes (the result keeps a cut id)"
+        )
     try:
         body = orjson.loads(env.body)
     except orjson.JSONDecodeError:
@@ -273,13 +324,13 @@ def parse_command(env: Envelope, sources: Collection[str], *, fallback_id: str =
         raise InvalidCommand("not_an_object", "the body must be a JSON object")
     extra = sorted(set(body) - _BODY_KEYS)
     if extra:
-        raise InvalidCommand("unexpected_field", f"unexpected top-level fields {extra}")
+        raise InvalidCommand("unexpected_field", f"unexpected top-level fields {quoted(extra)}")
     action = body.get("action")
     if not isinstance(action, str):
         raise InvalidCommand("bad_action", "action must be a string")
     endpoint = lookup(action)
     if endpoint is None:
-        raise InvalidCommand("unknown_action", f"{action[:100]!r} is not a Simotel API v4 action")
+        raise InvalidCommand("unknown_action", f"{quoted(action)} is not a Simotel API v4 action")
     data = body.get("data", {})
     if not isinstance(data, dict):
         raise InvalidCommand("bad_data", "data must be a JSON object")
@@ -511,6 +562,16 @@ def make_delivery_limit(
     return Result(command_id, action, source, status, error=error, reason="delivery_limit")
 
 
+def copied_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
+    """A command's own headers, to copy into its dead letter: all of them when they are small
+    (MAX_COPIED_HEADERS bytes as JSON), else none and `headers_dropped: true`."""
+    try:
+        size = len(orjson.dumps(dict(headers), default=repr))
+    except (TypeError, orjson.JSONEncodeError):
+        size = MAX_COPIED_HEADERS + 1
+    return dict(headers) if size <= MAX_COPIED_HEADERS else {"headers_dropped": True}
+
+
 def needs_dead_letter(status: Status) -> bool:
     """Every command that does not end `ok` or `failed` also goes to the dead-letter exchange."""
     return status not in ("ok", "failed")
@@ -529,6 +590,8 @@ def result_message(result: Result) -> tuple[bytes, str, dict[str, Any]]:
         for key, value in result.fields().items():
             if key == "response":
                 value = orjson.dumps(value).decode() if value is not None else None
+            if isinstance(value, str):
+                value = fit(value, MAX_HEADER_TEXT)
             headers[key] = value
         headers["content_length"] = len(result.file)
         body, ctype = result.file, result.content_type or "application/octet-stream"

@@ -108,6 +108,14 @@ async def serve(settings: Settings, roles: frozenset[str], stop: asyncio.Event) 
             tasks.append(starter)
             stack.push_async_callback(components.close)
             stack.callback(starter.cancel)
+        if ingress:
+            # The unrouted queue drops its oldest events when full: watched and reported.
+            from bridge.unrouted import UnroutedWatch
+
+            watch = UnroutedWatch(broker, settings.amqp, metrics.registry)
+            watcher = asyncio.create_task(watch.run(stop), name="unrouted-watch")
+            tasks.append(watcher)
+            stack.callback(watcher.cancel)
         app = create_app(
             settings,
             sink=sink,

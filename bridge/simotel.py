@@ -8,12 +8,16 @@ pure functions of `bridge.commands`; this module only moves bytes.
 - Rate limit: a token bucket per source (`rate_limit` per second, `rate_burst`).
 - Retries: only for retry-safe actions, on timeouts, transport errors and 5xx, with exponential
   backoff and jitter, at most `max_retries` times, never past the command's deadline.
+- Errors: the text of an httpx/h11/ssl exception is never copied into a result (it can quote a
+  request header, i.e. a secret): `describe_error` maps it to a fixed phrase and the class name.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,6 +65,54 @@ def backoff_delay(attempt: int, base: float, cap: float, rand: Callable[[], floa
     half jittered ("equal jitter")."""
     ceiling = min(cap, base * 2.0 ** (attempt - 1))
     return ceiling / 2 + rand() * ceiling / 2
+
+
+# Most specific first: the first class the exception is an instance of names it.
+_PHRASES: tuple[tuple[type[BaseException], str], ...] = (
+    (httpx.ConnectTimeout, "connect timeout"),
+    (httpx.ReadTimeout, "read timeout"),
+    (httpx.WriteTimeout, "write timeout"),
+    (httpx.PoolTimeout, "connection pool timeout"),
+    (httpx.TimeoutException, "timeout"),
+    (httpx.LocalProtocolError, "invalid request header"),
+    (httpx.RemoteProtocolError, "protocol error from the server"),
+    (httpx.ProxyError, "proxy error"),
+    (httpx.UnsupportedProtocol, "unsupported protocol"),
+    (httpx.ConnectError, "connect error"),
+    (httpx.ReadError, "connection lost while reading"),
+    (httpx.WriteError, "connection lost while writing"),
+    (httpx.CloseError, "connection close error"),
+    (httpx.DecodingError, "undecodable response"),
+    (httpx.TooManyRedirects, "too many redirects"),
+    (httpx.InvalidURL, "invalid url"),
+    (httpx.TransportError, "transport error"),
+    (httpx.HTTPError, "http client error"),
+    (UnicodeError, "invalid request header"),  # a non-ASCII header value, before sending
+)
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    return chain
+
+
+def describe_error(exc: BaseException) -> str:
+    """A fixed phrase and the class name for an exception of the HTTP stack, never its text
+    (an h11 error quotes the header value it refused, which may be the API key)."""
+    chain = _causes(exc)
+    if any(isinstance(e, ssl.SSLError | ssl.CertificateError) for e in chain):
+        phrase = "tls error"
+    elif any(isinstance(e, ConnectionRefusedError) for e in chain):
+        phrase = "connection refused"
+    elif any(isinstance(e, socket.gaierror) for e in chain):
+        phrase = "name resolution failed"
+    else:
+        phrase = next((p for cls, p in _PHRASES if isinstance(exc, cls)), "unexpected error")
+    return f"{phrase} ({type(exc).__name__})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,11 +220,13 @@ class SimotelClient:
         try:
             answer = await self.send_once(req)
         except httpx.TimeoutException as exc:
-            outcome = transport_failure("timeout", type(exc).__name__)
+            outcome = transport_failure("timeout", describe_error(exc))
+        except httpx.LocalProtocolError as exc:  # refused before sending: retrying cannot help
+            outcome = transport_failure("client", describe_error(exc))
         except httpx.TransportError as exc:
-            outcome = transport_failure("transport", f"{type(exc).__name__}: {exc}")
-        except httpx.HTTPError as exc:
-            outcome = transport_failure("client", f"{type(exc).__name__}: {exc}")
+            outcome = transport_failure("transport", describe_error(exc))
+        except Exception as exc:  # httpx.HTTPError, or a request that cannot even be built
+            outcome = transport_failure("client", describe_error(exc))
         else:
             outcome = interpret(endpoint, answer)
         if self._observe is not None:

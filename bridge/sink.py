@@ -11,6 +11,18 @@ behind it, so the events of one call keep their order.
 
 Every wait is bounded: a publish by its timeout, the replayer's retries by a capped backoff.
 A restart replays whatever the spool holds (`start`). See docs/durability.md for the guarantees.
+
+Poison never blocks the line. A spooled row is moved to the spool's quarantine when
+- it cannot be decoded (`undecodable`), or the client library refuses to encode it
+  (`unpublishable`): no broker is involved, so at once;
+- the broker refused it `poison_attempts` times while connected (`is_refusal`: a nack, the
+  channel closed because of it, the connection closed on its frame; a timeout or a lost
+  connection does not count), AND another spooled event
+  (of another call when there is one), published alone right after, is confirmed (`refused`).
+  A broker that takes nothing (an outage, a queue that refuses everything) is never a reason to
+  quarantine.
+Each quarantined event is copied to the dead-letter exchange with a `reason` header once the
+broker takes the copy; the rows behind it go on in their order.
 """
 
 from __future__ import annotations
@@ -21,16 +33,25 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, ParamSpec, TypeVar
 
+import aiormq.exceptions
+import orjson
 import structlog
+from aiormq import spec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from bridge.amqp import Publisher
+from bridge.amqp import APP_ID, Publisher
 from bridge.config import Settings
 from bridge.errors import PublishError
-from bridge.spool import Spool, Spooled, SpoolFull
+from bridge.spool import Quarantined, Spool, Spooled, SpoolFull
 from bridge.translate import OutgoingEvent
 
-__all__ = ["EventSink", "SpoolFull", "SpoolMetrics"]
+__all__ = ["EventSink", "SpoolFull", "SpoolMetrics", "dead_copy"]
+
+POISON_ATTEMPTS = 3  # refusals of one row, while connected, before it is compared with another
+DEAD_COPY_ATTEMPTS = 5  # attempts to send a quarantined row's dead-letter copy
+MAX_COPIED_HEADERS = 4096  # bytes of a quarantined event's own headers kept in its dead copy
+# Raised by aiormq/pamqp while encoding a frame, before anything is sent: never the broker.
+_ENCODING_ERRORS = (ValueError, TypeError, OverflowError)
 
 log = structlog.get_logger("bridge.sink")
 
@@ -75,6 +96,27 @@ class SpoolMetrics:
             ["reason"],
             registry=r,
         )
+        self.quarantined = Counter(
+            "simotel_bridge_spool_quarantined",
+            "Spooled events moved to the quarantine, by reason: undecodable, unpublishable, "
+            "refused",
+            ["reason"],
+            registry=r,
+        )
+        self.quarantine_depth = Gauge(
+            "simotel_bridge_spool_quarantine_depth",
+            "Events in the spool's quarantine (simotel-bridge spool list)",
+            registry=r,
+        )
+        self.dead_copies = Counter(
+            "simotel_bridge_spool_dead_copies",
+            "Copies of quarantined events to the dead-letter exchange, by outcome: sent, retry, "
+            "failed (given up; the event stays in the quarantine)",
+            ["outcome"],
+            registry=r,
+        )
+        for reason in ("undecodable", "unpublishable", "refused"):
+            self.quarantined.labels(reason)
 
 
 def ordered_window(batch: list[Spooled]) -> list[Spooled]:
@@ -90,6 +132,20 @@ def ordered_window(batch: list[Spooled]) -> list[Spooled]:
         seen.add(key)
         window.append(s)
     return window
+
+
+def is_refusal(exc: PublishError) -> bool:
+    """Whether the broker refused this very message (a nack; the channel closed because of it:
+    unknown exchange, precondition, access; the connection closed on its frame), as opposed to
+    being slow or gone (a timeout, a lost connection), which says nothing about the message."""
+    return isinstance(
+        exc.__cause__,
+        aiormq.exceptions.DeliveryError
+        | aiormq.exceptions.ConnectionFrameError
+        | aiormq.exceptions.ChannelNotFoundEntity
+        | aiormq.exceptions.ChannelPreconditionFailed
+        | aiormq.exceptions.ChannelAccessRefused,
+    )
 
 
 def cancelling() -> bool:
@@ -117,6 +173,8 @@ class EventSink:
         replay_window: int = 64,
         backoff: tuple[float, float] = (0.1, 5.0),
         clock: Callable[[], float] = time.time,
+        poison_attempts: int = POISON_ATTEMPTS,
+        dead_exchange: str = "simotel.dead",
     ) -> None:
         self.publisher = publisher
         self.spool = spool
@@ -135,6 +193,10 @@ class EventSink:
         self._accepting = True
         self._replayer: asyncio.Task[None] | None = None
         self._probe = False  # whether the last replay attempt failed
+        self.poison_attempts = poison_attempts
+        self.dead_exchange = dead_exchange
+        # seq -> (refusals while connected, the last error) of the rows at the head
+        self._refusals: dict[int, tuple[int, str]] = {}
         self._disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
         metrics.oldest_age.set_function(self.oldest_age)
 
@@ -143,6 +205,7 @@ class EventSink:
         cls, settings: Settings, publisher: Publisher, metrics: SpoolMetrics, **kwargs: Any
     ) -> EventSink:
         """A started sink on the spool file of `settings.spool` (or none when disabled)."""
+        kwargs.setdefault("dead_exchange", settings.amqp.exchanges.dead)
         sink = cls(publisher, None, metrics, **kwargs)
         if settings.spool.enabled:
             s = settings.spool
@@ -180,9 +243,7 @@ class EventSink:
     def status(self) -> dict[str, Any]:
         """For /readyz: where the next event goes, and the state of the spool."""
         spool = self.spool
-        full = spool is not None and (
-            spool.depth >= spool.max_messages or spool.size_bytes >= spool.max_bytes
-        )
+        full = spool is not None and spool.full
         mode: str = self._mode if self.publisher.ready or spool is None else "spool"
         if mode == "spool" and full:
             mode = "full"
@@ -192,6 +253,7 @@ class EventSink:
             "spool_full": full,
             "spool_depth": self.depth,
             "oldest_age_s": round(self.oldest_age(), 3),
+            "quarantined": 0 if spool is None else spool.quarantine_depth,
         }
 
     @property
@@ -265,6 +327,15 @@ class EventSink:
         delay = self.backoff[0]
         while not self._stopping.is_set():
             if self._mode == "broker":
+                if self._dead_copies_due():
+                    try:
+                        await self._send_dead_copies()
+                    except Exception:  # the replayer must outlive anything unexpected
+                        log.exception("replayer: sending dead-letter copies failed")
+                    if self._dead_copies_due():  # one failed: try again after a pause
+                        await self._wait_for_broker(delay)
+                        delay = min(delay * 2, self.backoff[1])
+                        continue
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -295,16 +366,20 @@ class EventSink:
 
     async def _replay_batch(self) -> bool:
         """Publish the oldest events and remove what was confirmed, in order. Returns whether
-        anything was replayed (or spool mode was left)."""
+        anything was replayed or quarantined (or spool mode was left)."""
         spool = self.spool
         assert spool is not None
         if not self.publisher.broker.ready:
             return False
-        batch: list[Spooled] = await self._run(spool.peek, self.replay_window)
+        batch, undecodable = await self._run(spool.next_batch, self.replay_window)
+        if undecodable:
+            self._count_quarantined("undecodable", undecodable)
+            log.error("undecodable spool rows quarantined", count=undecodable)
+        await self._send_dead_copies()
         if not batch:
             async with self._lock:
                 if spool.depth:
-                    return False  # the counters disagree with the file: retry with backoff
+                    return undecodable > 0  # the counters disagree with the file: back off
                 # Under the lock: no append can slip in between this check and the flip.
                 self._mode = "broker"
                 self._drained.set()
@@ -313,26 +388,130 @@ class EventSink:
             return True
         window = ordered_window(batch)
         if self._probe:  # the last attempt failed: try the head alone before a whole window
+            head = window[0]
+            refused, _ = self._refusals.get(head.seq, (0, ""))
+            if refused >= self.poison_attempts and len(batch) > 1:
+                # Another call's event when there is one; else the next event of the same call
+                # (if it passes while the head is refused, the head is what the broker refuses).
+                return await self._compare(head, window[1] if len(window) > 1 else batch[1])
             window = window[:1]
         results = await asyncio.gather(
             *(self._publish(s.event) for s in window), return_exceptions=True
         )
         confirmed = 0
-        for r in results:
+        failed: tuple[Spooled, BaseException] | None = None
+        for s, r in zip(window, results, strict=True):
             if isinstance(r, BaseException):  # a CancelledError here is a confirm aiormq dropped
-                log.warning("replay publish failed", error=repr(r))
+                log.warning("replay publish failed", seq=s.seq, error=repr(r)[:300])
+                failed = (s, r)
                 break
             confirmed += 1
         # Only a confirmed prefix leaves the spool; anything confirmed after a failure is
         # published again later (a duplicate with the same message_id, never a reordering).
         if confirmed:
-            await self._run(spool.delete_through, window[confirmed - 1].seq)
+            last = window[confirmed - 1].seq
+            await self._run(spool.delete_through, last)
+            self._refusals = {k: v for k, v in self._refusals.items() if k > last}
             self.metrics.replayed.inc(confirmed)
             self._gauges()
         self._probe = confirmed < len(window)
-        if self._probe:
+        if failed is not None:
             self.metrics.replay_failures.inc()
+            row, error = failed
+            if isinstance(error, _ENCODING_ERRORS):
+                # The client library cannot even encode it: it never will.
+                await self._quarantine(row, "unpublishable", f"{type(error).__name__}: {error}")
+                self._probe = False
+                return True
+            if isinstance(error, PublishError) and is_refusal(error):
+                refused, _ = self._refusals.get(row.seq, (0, ""))
+                self._refusals[row.seq] = (refused + 1, f"{type(error).__name__}: {error}")
         return confirmed > 0
+
+    async def _compare(self, head: Spooled, other: Spooled) -> bool:
+        """The head was refused `poison_attempts` times while connected. Publish `other` alone:
+        if the broker takes it, the head is poison and goes to the quarantine; if not, the
+        broker takes nothing, which is not the head's fault (its count starts again)."""
+        try:
+            await self._publish(other.event)
+        except asyncio.CancelledError as exc:
+            if cancelling():
+                raise
+            error: BaseException | None = exc
+        except Exception as exc:
+            error = exc
+        else:
+            error = None
+        spool = self.spool
+        assert spool is not None
+        if error is not None:
+            log.warning("the broker refuses other events too: not poison", error=repr(error)[:300])
+            self._refusals[head.seq] = (0, "")
+            self.metrics.replay_failures.inc()
+            return False
+        await self._run(spool.delete, other.seq)
+        self.metrics.replayed.inc()
+        _, why = self._refusals.get(head.seq, (0, ""))
+        await self._quarantine(head, "refused", why)
+        self._probe = False
+        return True
+
+    async def _quarantine(self, row: Spooled, reason: str, detail: str) -> None:
+        spool = self.spool
+        assert spool is not None
+        await self._run(spool.quarantine, row.seq, f"{reason}: {detail}")
+        self._refusals.pop(row.seq, None)
+        self._count_quarantined(reason, 1)
+        log.error(
+            "spooled event quarantined: the broker will not take it",
+            seq=row.seq,
+            message_id=row.event.message_id[:200],
+            reason=reason,
+            detail=detail[:300],
+        )
+        await self._send_dead_copies()
+
+    def _count_quarantined(self, reason: str, n: int) -> None:
+        self.metrics.quarantined.labels(reason).inc(n)
+        self._gauges()
+
+    def _dead_copies_due(self) -> bool:
+        spool = self.spool
+        return spool is not None and spool.dead_copies_pending > 0 and self.publisher.ready
+
+    async def _send_dead_copies(self) -> None:
+        """Copy quarantined events to the dead-letter exchange (oldest first, while connected);
+        stop at the first failure. A copy that failed DEAD_COPY_ATTEMPTS times is given up."""
+        spool = self.spool
+        if spool is None or not self._dead_copies_due():
+            return
+        for q in await self._run(spool.pending_dead_copies, 16):
+            routing_key, body, properties = dead_copy(q)
+            try:
+                await self.publisher.publish_raw(
+                    self.dead_exchange,
+                    routing_key,
+                    body,
+                    properties,
+                    mandatory=False,
+                    timeout=self.publish_timeout,
+                )
+            except asyncio.CancelledError as exc:
+                if cancelling():
+                    raise
+                error: BaseException | None = exc
+            except Exception as exc:
+                error = exc
+            else:
+                error = None
+            state = await self._run(
+                spool.mark_dead_copy, q.seq, sent=error is None, give_up_after=DEAD_COPY_ATTEMPTS
+            )
+            self.metrics.dead_copies.labels("retry" if state == "pending" else state).inc()
+            if error is not None:
+                log.warning("dead-letter copy of a quarantined event failed", seq=q.seq,
+                            state=state, error=repr(error)[:300])  # fmt: skip
+                break
 
     async def _wait_for_broker(self, bound: float) -> None:
         """Return when the connection is back, close() is called, or `bound` seconds pass."""
@@ -366,6 +545,7 @@ class EventSink:
         m.depth.set(self.depth)
         m.bytes.set(0 if self.spool is None else self.spool.size_bytes)
         m.mode.set(1 if self._mode == "spool" else 0)
+        m.quarantine_depth.set(0 if self.spool is None else self.spool.quarantine_depth)
 
     async def close(self, drain_timeout: float = 5.0) -> None:
         """Stop accepting, give the replayer `drain_timeout` seconds to empty the spool, then
@@ -383,3 +563,52 @@ class EventSink:
         if self.spool is not None:
             await self._run(self.spool.close)
         self._disk.shutdown(wait=False)  # the close above was its last job
+
+
+def _fit(value: str, limit: int = 255) -> str:
+    """`value` cut to at most `limit` UTF-8 bytes (on a character boundary)."""
+    # folds into bridge.wire once it lands
+    raw = value.encode("utf-8", "replace")
+    return value if len(raw) <= limit else raw[:limit].decode("utf-8", "ignore")
+
+
+def dead_copy(q: Quarantined) -> tuple[str, bytes, spec.Basic.Properties]:
+    """(routing key, body, properties) of a quarantined event's copy to the dead-letter
+    exchange: its body as spooled, a `reason` header, and only what is sure to fit in a frame
+    (every name cut to a shortstr; its own headers only when small). Pure; any row, even one
+    that does not decode, makes a copy."""
+    body = q.body if isinstance(q.body, bytes) else str(q.body).encode("utf-8", "replace")
+    headers: dict[str, Any] = {
+        "reason": _fit(q.reason),
+        "quarantine_id": q.seq,
+        "quarantined_at": q.quarantined_at,
+    }
+    for name in ("exchange", "routing_key", "message_id", "event", "source", "call_id"):
+        value = getattr(q, name)
+        if isinstance(value, str):
+            headers[f"original_{name}"] = _fit(value)
+    own: Any = None
+    if isinstance(q.headers, bytes) and len(q.headers) <= MAX_COPIED_HEADERS:
+        try:
+            own = orjson.loads(q.headers)
+        except orjson.JSONDecodeError:
+            own = None
+    if isinstance(own, dict) and all(
+        isinstance(k, str) and len(k) <= 128 and isinstance(v, str | int | float | bool)
+        for k, v in own.items()
+    ):
+        headers = {**own, **headers}
+    else:
+        headers["headers_dropped"] = True
+    routing_key = q.routing_key if isinstance(q.routing_key, str) else ""
+    routing_key = routing_key if routing_key and _fit(routing_key) == routing_key else "quarantine"
+    message_id = q.message_id if isinstance(q.message_id, str) else ""
+    properties = spec.Basic.Properties(
+        content_type="application/json",
+        delivery_mode=2,
+        message_id=_fit(message_id, 200) or f"quarantine-{q.seq}",
+        message_type="quarantined-event",
+        app_id=APP_ID,
+        headers=headers,
+    )
+    return routing_key, body, properties

@@ -6,6 +6,13 @@ for survives a crash of the process (SIGKILL) and of the machine. Rows are repla
 bounded by a number of events and a number of bytes (body + headers + names); past either bound
 `append` raises `SpoolFull` and the ingress answers 503.
 
+Poison never blocks the line: a row that cannot be decoded, or that the sink judged the broker
+will never take, is moved (`quarantine`) to the `quarantine` table of the same file, with its
+reason. The rows behind it move on, in their order. Quarantined rows still count against the
+bounds (they are accepted events, kept until an operator re-queues or drops them: `requeue`,
+`drop`, the `simotel-bridge spool` command), and each has a copy to send to the dead-letter
+exchange (`pending_dead_copies`, `mark_dead_copy`).
+
 This module does no asyncio: every method blocks (an fsync per append). The sink calls it from
 one worker thread, so the event loop never waits on the disk. One process owns a spool file at
 a time (SQLite exclusive locking mode); a second opener gets `SpoolFull(reason="locked")`.
@@ -43,6 +50,21 @@ CREATE TABLE IF NOT EXISTS spool (
     body        BLOB    NOT NULL
 )
 """
+# Rows of the spool moved aside: the same columns, untyped (a row that could not be decoded is
+# copied as it is), plus why, when, and the state of its copy to the dead-letter exchange.
+_QUARANTINE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS quarantine (
+    seq            INTEGER PRIMARY KEY,
+    quarantined_at REAL    NOT NULL,
+    reason         TEXT    NOT NULL,
+    dead_copy      TEXT    NOT NULL DEFAULT 'pending',
+    dead_attempts  INTEGER NOT NULL DEFAULT 0,
+    spooled_at, size INTEGER NOT NULL, exchange, routing_key, message_id, event, source,
+    call_id, timestamp, headers, body
+)
+"""
+DeadCopyState = Literal["pending", "sent", "failed"]
+MAX_REASON = 200  # characters of a quarantine reason kept
 _COLUMNS = (
     "seq, spooled_at, size, exchange, routing_key, message_id, event, source, call_id, "
     "timestamp, headers, body"
@@ -107,6 +129,7 @@ class Spool:
             # Takes the exclusive lock now, not at the first append.
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute(_SCHEMA)
+            self._db.execute(_QUARANTINE_SCHEMA)
             self._db.execute("COMMIT")
         except sqlite3.OperationalError as exc:
             self._db.close()
@@ -122,6 +145,16 @@ class Spool:
         self._depth: int = count
         self._bytes: int = size
         self._oldest: float | None = oldest
+        self._q_depth = 0
+        self._q_bytes = 0
+        self._q_pending = 0
+        self._count_quarantine()
+
+    def _count_quarantine(self) -> None:
+        self._q_depth, self._q_bytes, self._q_pending = self._db.execute(
+            "SELECT count(*), coalesce(sum(size), 0), "
+            "coalesce(sum(dead_copy = 'pending'), 0) FROM quarantine"
+        ).fetchone()
 
     @property
     def depth(self) -> int:
@@ -138,14 +171,41 @@ class Spool:
         """When the oldest spooled event was written (epoch seconds), None when empty."""
         return self._oldest
 
+    @property
+    def quarantine_depth(self) -> int:
+        """Events in the quarantine."""
+        return self._q_depth
+
+    @property
+    def quarantine_bytes(self) -> int:
+        return self._q_bytes
+
+    @property
+    def dead_copies_pending(self) -> int:
+        """Quarantined events whose copy to the dead-letter exchange is still to be sent."""
+        return self._q_pending
+
+    @property
+    def full(self) -> bool:
+        """Whether a bound is reached (spooled and quarantined events together)."""
+        return (
+            self._depth + self._q_depth >= self.max_messages
+            or self._bytes + self._q_bytes >= self.max_bytes
+        )
+
     def append(self, event: OutgoingEvent) -> int:
         """Write one event durably (fsynced when this returns) and return its sequence number.
-        Raises SpoolFull past a bound or when the write fails."""
+        Raises SpoolFull past a bound or when the write fails. Quarantined events count too."""
         size = record_size(event)
-        if self._depth + 1 > self.max_messages:
-            raise SpoolFull("messages", f"{self._depth} events spooled (max {self.max_messages})")
-        if self._bytes + size > self.max_bytes:
-            raise SpoolFull("bytes", f"{self._bytes} + {size} bytes over max {self.max_bytes}")
+        held, held_bytes = self._depth + self._q_depth, self._bytes + self._q_bytes
+        if held + 1 > self.max_messages:
+            raise SpoolFull(
+                "messages",
+                f"{self._depth} events spooled, {self._q_depth} quarantined "
+                f"(max {self.max_messages})",
+            )
+        if held_bytes + size > self.max_bytes:
+            raise SpoolFull("bytes", f"{held_bytes} + {size} bytes over max {self.max_bytes}")
         now = self._clock()
         try:
             cur = self._db.execute(
@@ -175,11 +235,137 @@ class Spool:
         return seq
 
     def peek(self, limit: int) -> list[Spooled]:
-        """The oldest `limit` events, oldest first. Nothing is removed."""
+        """The oldest `limit` events, oldest first. Nothing is removed. A row that cannot be
+        decoded is quarantined on the way (see `next_batch`)."""
+        return self.next_batch(limit)[0]
+
+    def next_batch(self, limit: int) -> tuple[list[Spooled], int]:
+        """The oldest `limit` decodable events, oldest first, and how many rows on the way could
+        not be decoded: those are moved to the quarantine (reason `undecodable`), so they never
+        stop the rows behind them."""
+        out: list[Spooled] = []
+        moved = 0
+        after = -1
+        while len(out) < limit:
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM spool WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after, limit - len(out)),
+            ).fetchall()
+            if not rows:
+                break
+            for r in rows:
+                after = r[0]
+                try:
+                    out.append(_row(r))
+                except Exception as exc:  # anything a damaged row can raise
+                    self.quarantine(r[0], f"undecodable: {type(exc).__name__}")
+                    moved += 1
+        return out, moved
+
+    def quarantine(self, seq: int, reason: str) -> bool:
+        """Move one spooled row to the quarantine, with `reason`. False if it is not spooled."""
+        with self._transaction():
+            row = self._db.execute("SELECT size FROM spool WHERE seq = ?", (seq,)).fetchone()
+            if row is None:
+                return False
+            self._db.execute(
+                "INSERT OR REPLACE INTO quarantine (seq, quarantined_at, reason, spooled_at, size, "
+                "exchange, routing_key, message_id, event, source, call_id, timestamp, headers, "
+                "body) SELECT seq, ?, ?, spooled_at, size, exchange, routing_key, message_id, "
+                "event, source, call_id, timestamp, headers, body FROM spool WHERE seq = ?",
+                (self._clock(), reason[:MAX_REASON], seq),
+            )
+            self._db.execute("DELETE FROM spool WHERE seq = ?", (seq,))
+            oldest = self._db.execute("SELECT min(spooled_at) FROM spool").fetchone()[0]
+        size = int(row[0])
+        self._depth -= 1
+        self._bytes -= size
+        self._oldest = oldest
+        self._count_quarantine()
+        return True
+
+    def delete(self, seq: int) -> bool:
+        """Remove one spooled row (confirmed by the broker out of order). False if absent."""
+        with self._transaction():
+            row = self._db.execute("SELECT size FROM spool WHERE seq = ?", (seq,)).fetchone()
+            if row is None:
+                return False
+            self._db.execute("DELETE FROM spool WHERE seq = ?", (seq,))
+            oldest = self._db.execute("SELECT min(spooled_at) FROM spool").fetchone()[0]
+        self._depth -= 1
+        self._bytes -= int(row[0])
+        self._oldest = oldest
+        return True
+
+    def quarantined(self, limit: int | None = None) -> list[Quarantined]:
+        """Quarantined rows, oldest first."""
         rows = self._db.execute(
-            f"SELECT {_COLUMNS} FROM spool ORDER BY seq LIMIT ?", (limit,)
+            f"SELECT {_Q_COLUMNS} FROM quarantine ORDER BY seq LIMIT ?",
+            (-1 if limit is None else limit,),
         ).fetchall()
-        return [_row(r) for r in rows]
+        return [_quarantined(r) for r in rows]
+
+    def pending_dead_copies(self, limit: int) -> list[Quarantined]:
+        """Quarantined rows whose dead-letter copy is still to be sent, oldest first."""
+        rows = self._db.execute(
+            f"SELECT {_Q_COLUMNS} FROM quarantine WHERE dead_copy = 'pending' ORDER BY seq LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [_quarantined(r) for r in rows]
+
+    def mark_dead_copy(self, seq: int, *, sent: bool, give_up_after: int) -> DeadCopyState:
+        """Record an attempt to send a row's dead-letter copy. A copy that failed
+        `give_up_after` times is marked `failed` and not tried again (the row stays listed)."""
+        with self._transaction():
+            self._db.execute(
+                "UPDATE quarantine SET dead_attempts = dead_attempts + 1, dead_copy = CASE "
+                "WHEN ? THEN 'sent' WHEN dead_attempts + 1 >= ? THEN 'failed' "
+                "ELSE 'pending' END WHERE seq = ?",
+                (sent, give_up_after, seq),
+            )
+            row = self._db.execute(
+                "SELECT dead_copy FROM quarantine WHERE seq = ?", (seq,)
+            ).fetchone()
+        self._count_quarantine()
+        state: DeadCopyState = "sent" if row is None else row[0]
+        return state
+
+    def requeue(self, seqs: list[int] | None = None) -> list[int]:
+        """Move quarantined rows (all of them for None) back to the end of the spool, oldest
+        first; they get new sequence numbers, which are returned."""
+        new: list[int] = []
+        with self._transaction():
+            if seqs is None:
+                seqs = [r[0] for r in self._db.execute("SELECT seq FROM quarantine ORDER BY seq")]
+            for seq in sorted(seqs):
+                cur = self._db.execute(
+                    f"INSERT INTO spool ({_COLUMNS}) SELECT NULL, ?, size, exchange, routing_key, "
+                    "message_id, event, source, call_id, timestamp, headers, body "
+                    "FROM quarantine WHERE seq = ?",
+                    (self._clock(), seq),
+                )
+                if cur.rowcount:
+                    assert cur.lastrowid is not None
+                    new.append(cur.lastrowid)
+                    self._db.execute("DELETE FROM quarantine WHERE seq = ?", (seq,))
+            self._recount()
+        return new
+
+    def drop(self, seqs: list[int]) -> int:
+        """Delete quarantined rows for good. Returns how many were deleted."""
+        with self._transaction():
+            n = sum(
+                self._db.execute("DELETE FROM quarantine WHERE seq = ?", (s,)).rowcount
+                for s in seqs
+            )
+        self._count_quarantine()
+        return n
+
+    def _recount(self) -> None:
+        self._depth, self._bytes, self._oldest = self._db.execute(
+            "SELECT count(*), coalesce(sum(size), 0), min(spooled_at) FROM spool"
+        ).fetchone()
+        self._count_quarantine()
 
     def delete_through(self, seq: int) -> int:
         """Remove every event up to and including `seq` (they were confirmed by the broker).
@@ -217,11 +403,64 @@ class _Transaction:
         self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
 
 
+_Q_COLUMNS = (
+    "seq, quarantined_at, reason, dead_copy, dead_attempts, spooled_at, size, exchange, "
+    "routing_key, message_id, event, source, call_id, timestamp, headers, body"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Quarantined:
+    """A quarantined row as stored: its fields may be of any type (it may not decode)."""
+
+    seq: int
+    quarantined_at: float
+    reason: str
+    dead_copy: DeadCopyState
+    dead_attempts: int
+    spooled_at: object
+    size: int
+    exchange: object
+    routing_key: object
+    message_id: object
+    event: object
+    source: object
+    call_id: object
+    timestamp: object
+    headers: object
+    body: object
+
+
+def _quarantined(r: tuple[object, ...]) -> Quarantined:
+    seq, at, reason, state, attempts, spooled_at, size, *rest = r
+    assert isinstance(seq, int) and isinstance(at, float) and isinstance(attempts, int)
+    assert isinstance(size, int) and state in ("pending", "sent", "failed")
+    return Quarantined(seq, at, str(reason), state, attempts, spooled_at, size, *rest)
+
+
+class Undecodable(ValueError):
+    """A spooled row whose columns do not make an event (a damaged or foreign file)."""
+
+
 def _row(r: tuple[object, ...]) -> Spooled:
+    """Decode one spool row, checking every column (never with `assert`: a damaged row must
+    raise the same way whatever the interpreter's flags)."""
     (seq, spooled_at, _size, exchange, routing_key, message_id, event, source, call_id, ts, headers,
      body) = r  # fmt: skip
-    assert isinstance(seq, int) and isinstance(spooled_at, float) and isinstance(body, bytes)
-    assert isinstance(headers, bytes) and isinstance(ts, float)
+    texts = (exchange, routing_key, message_id, event, source)
+    if not isinstance(seq, int) or not isinstance(spooled_at, float):
+        raise Undecodable("seq or spooled_at")
+    if not isinstance(body, bytes) or not isinstance(headers, bytes):
+        raise Undecodable("body or headers are not bytes")
+    if not all(isinstance(t, str) for t in texts) or not isinstance(call_id, str | None):
+        raise Undecodable("a name is not text")
+    if not isinstance(ts, float):
+        raise Undecodable("timestamp")
+    decoded = orjson.loads(headers)  # JSONDecodeError is a ValueError
+    if not isinstance(decoded, dict) or not all(
+        isinstance(k, str) and isinstance(v, str | int | float | bool) for k, v in decoded.items()
+    ):
+        raise Undecodable("headers are not a map of plain values")
     return Spooled(
         seq=seq,
         spooled_at=spooled_at,
@@ -232,8 +471,8 @@ def _row(r: tuple[object, ...]) -> Spooled:
             message_id=str(message_id),
             event=str(event),
             source=str(source),
-            call_id=None if call_id is None else str(call_id),
+            call_id=call_id,
             timestamp=ts,
-            headers=orjson.loads(headers),
+            headers=decoded,
         ),
     )

@@ -33,7 +33,8 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from datetime import UTC
 from typing import Any
 
@@ -51,14 +52,17 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from bridge.amqp import Broker, Publisher, Unroutable, close_quietly, json_message
 from bridge.commands import (
+    MAX_HEADER_TEXT,
     STATUSES,
     Command,
     Envelope,
     InvalidCommand,
     Result,
     build_request,
+    copied_headers,
     delivery_count,
     describe_invalid,
+    fit,
     is_expired,
     is_last_delivery,
     make_delivery_limit,
@@ -67,10 +71,12 @@ from bridge.commands import (
     parse_command,
     result_key,
     result_message,
+    safe_id,
 )
 from bridge.config import Settings
 from bridge.errors import ConfigError, PublishError
 from bridge.simotel import SimotelClient
+from bridge.sink import is_refusal
 from bridge.state import StateStore, open_state_store
 
 log = structlog.get_logger("bridge.worker")
@@ -79,6 +85,10 @@ _PURGE_EVERY = 3600.0
 PUBLISH_RETRY_FOR = 30.0  # seconds a result is re-published before the command is handed back
 PUBLISH_RETRY_DELAY = 0.25  # first pause between attempts; doubled each time
 PUBLISH_RETRY_MAX_DELAY = 5.0
+REFUSALS_BEFORE_SAFE_RESULT = 3  # refusals of one result before a safe one replaces it
+UNPUBLISHABLE = "result_unpublishable"
+# Raised by aiormq/pamqp while encoding a frame, before anything is sent: never the broker.
+ENCODING_ERRORS = (ValueError, TypeError, OverflowError)
 
 
 class WorkerMetrics:
@@ -105,6 +115,12 @@ class WorkerMetrics:
             "simotel_bridge_result_publish_failures_total",
             "Attempts to publish a result (or its reply or dead letter) the broker did not "
             "confirm; each is retried with backoff before the command is handed back.",
+            registry=registry,
+        )
+        self.unpublishable = Counter(
+            "simotel_bridge_results_unpublishable_total",
+            "Results the broker refused (too large, cannot be encoded, nacked): replaced by a "
+            "result without its response (reason result_unpublishable) and a dead letter.",
             registry=registry,
         )
         self.in_flight = Gauge(
@@ -178,6 +194,8 @@ class Worker:
         self._queue: AbstractQueue | None = None
         self._tag: ConsumerTag | None = None
         self._purged_at = 0.0
+        q = settings.amqp.queues
+        self._own_queues = frozenset({q.commands, q.dead, q.unrouted})
 
     @property
     def window(self) -> int:
@@ -289,7 +307,7 @@ class Worker:
         except InvalidCommand as exc:
             action, source = describe_invalid(env, sources)
             return Result(
-                command_id=env.message_id or fallback,
+                command_id=safe_id(env.message_id) if env.message_id else fallback,
                 action=action,
                 source=source,
                 status="rejected",
@@ -405,7 +423,72 @@ class Worker:
         """Publish the result, the reply and the dead letter until each is confirmed. Failed
         attempts are retried with exponential backoff for up to `publish_retry_for` seconds;
         False when that runs out, the worker is stopping, or the delivery's channel is gone
-        (the broker then redelivers it, and the stored result is published again)."""
+        (the broker then redelivers it, and the stored result is published again).
+
+        A result the broker refuses (it cannot be encoded, or it was nacked or made the broker
+        close the channel or connection REFUSALS_BEFORE_SAFE_RESULT times) is replaced by a
+        small one without its response (reason `result_unpublishable`) and a dead letter, so
+        it can neither loop nor be handed back again and again."""
+        steps = self._steps(env, result)
+        task = asyncio.current_task()
+        assert task is not None
+        give_up_at = time.monotonic() + self.publish_retry_for
+        delay = self.publish_retry_delay
+        attempt = 0
+        refusals = 0
+        while True:
+            attempt += 1
+            cancelling = task.cancelling()
+            refused = False
+            try:
+                while steps:  # what is confirmed is not published again
+                    await steps[0]()
+                    steps.pop(0)
+                    refusals = 0
+                return True
+            except PublishError as exc:
+                error = str(exc)
+                refused = is_refusal(exc)
+            except asyncio.CancelledError:
+                if task.cancelling() > cancelling:
+                    raise  # this task is being cancelled
+                # aiormq cancels the pending confirms when the connection drops
+                error = "confirm cancelled: the connection was lost"
+            except ENCODING_ERRORS as exc:  # raised before sending: it can never be published
+                error = f"{type(exc).__name__}: {exc}"[:300]
+                refused, refusals = True, REFUSALS_BEFORE_SAFE_RESULT
+            except Exception as exc:
+                log.exception("publishing the result failed")
+                error = repr(exc)
+            self.metrics.publish_failures.inc()
+            refusals += refused
+            if refusals >= REFUSALS_BEFORE_SAFE_RESULT and result.reason != UNPUBLISHABLE:
+                log.error("the broker refuses this result: publishing a safe one", error=error)
+                self.metrics.unpublishable.inc()
+                result = safe_result(result, error)
+                steps = self._steps(env, result)
+                refusals = 0
+                continue
+            left = give_up_at - time.monotonic()
+            if self._stopping or left <= 0 or _channel_gone(message):
+                log.warning(
+                    "result not confirmed, handing the command back",
+                    error=error,
+                    attempts=attempt,
+                    stopping=self._stopping,
+                )
+                return False
+            pause = min(delay, left)
+            log.warning(
+                "result not confirmed, retrying", error=error, attempt=attempt, retry_in=pause
+            )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pause):
+                    await self._stopped.wait()
+            delay = min(delay * 2, PUBLISH_RETRY_MAX_DELAY)
+
+    def _steps(self, env: Envelope, result: Result) -> list[Callable[[], Awaitable[None]]]:
+        """The publishes that settle a command: result, reply, dead letter (as needed)."""
         key = result_key(result.source, result.action)
         body, ctype, headers = result_message(result)
         amqp = self.settings.amqp
@@ -430,56 +513,25 @@ class Worker:
                 await self.publisher.publish("", env.reply_to, result_msg(), mandatory=True)
             except Unroutable:
                 log.warning("reply_to queue is gone, result only on the results exchange")
+            except PublishError as exc:
+                if result.reason != UNPUBLISHABLE or not is_refusal(exc):
+                    raise
+                # Even the safe result is refused there: that queue takes nothing from us.
+                log.warning("reply_to queue refuses the result, only on the results exchange")
 
         async def to_dead() -> None:
             await self.publisher.publish(amqp.exchanges.dead, key, dead_letter(env, result))
 
-        steps = [to_results]
-        if env.reply_to:
+        steps: list[Callable[[], Awaitable[None]]] = [to_results]
+        if env.reply_to and env.reply_to not in self._own_queues:
             steps.append(to_reply_to)
-        if needs_dead_letter(result.status):
+        elif env.reply_to:
+            # A result published into the command queue would come back as a (rejected)
+            # command: one message could make the worker answer itself.
+            log.warning("reply_to names one of the bridge's own queues: no reply sent")
+        if needs_dead_letter(result.status) or result.reason == UNPUBLISHABLE:
             steps.append(to_dead)
-        task = asyncio.current_task()
-        assert task is not None
-        give_up_at = time.monotonic() + self.publish_retry_for
-        delay = self.publish_retry_delay
-        attempt = 0
-        while True:
-            attempt += 1
-            cancelling = task.cancelling()
-            try:
-                while steps:  # what is confirmed is not published again
-                    await steps[0]()
-                    steps.pop(0)
-                return True
-            except PublishError as exc:
-                error = str(exc)
-            except asyncio.CancelledError:
-                if task.cancelling() > cancelling:
-                    raise  # this task is being cancelled
-                # aiormq cancels the pending confirms when the connection drops
-                error = "confirm cancelled: the connection was lost"
-            except Exception as exc:
-                log.exception("publishing the result failed")
-                error = repr(exc)
-            self.metrics.publish_failures.inc()
-            left = give_up_at - time.monotonic()
-            if self._stopping or left <= 0 or _channel_gone(message):
-                log.warning(
-                    "result not confirmed, handing the command back",
-                    error=error,
-                    attempts=attempt,
-                    stopping=self._stopping,
-                )
-                return False
-            pause = min(delay, left)
-            log.warning(
-                "result not confirmed, retrying", error=error, attempt=attempt, retry_in=pause
-            )
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(pause):
-                    await self._stopped.wait()
-            delay = min(delay * 2, PUBLISH_RETRY_MAX_DELAY)
+        return steps
 
     async def _delivery_limit_result(self, env: Envelope) -> Result:
         """The answer for a command on its last allowed delivery: its stored result if it has
@@ -494,7 +546,7 @@ class Worker:
             cmd = None
         mid = cmd.message_id if cmd is not None else None
         if cmd is None or mid is None:
-            command_id = env.message_id or uuid.uuid4().hex
+            command_id = safe_id(env.message_id) if env.message_id else uuid.uuid4().hex
             return make_delivery_limit(
                 command_id, action, source, deliveries=deliveries, may_have_run=False
             )
@@ -551,6 +603,19 @@ def _channel_gone(message: AbstractIncomingMessage) -> bool:
         return True
 
 
+def safe_result(result: Result, why: str) -> Result:
+    """What is published instead of a result the broker refuses: the same command, status and
+    HTTP status, without its response or file, saying why (reason `result_unpublishable`)."""
+    return replace(
+        result,
+        response=None,
+        file=None,
+        content_type=None,
+        error=fit(f"the result could not be published, its response is left out: {why}", 500),
+        reason=UNPUBLISHABLE,
+    )
+
+
 def make_rejected(cmd: Command, reason: str, detail: str) -> Result:
     return Result(cmd.command_id, cmd.action, cmd.source, "rejected", error=detail, reason=reason)
 
@@ -578,12 +643,14 @@ def make_expired(cmd: Command) -> Result:
 
 
 def dead_letter(env: Envelope, result: Result) -> aio_pika.Message:
-    """The original command, with `reason` and `status` headers (and the result's error)."""
+    """The original command, with `reason` and `status` headers (and the result's error). Its
+    own headers are copied only when small, every text is cut: the dead letter must fit a frame
+    whatever the command carried."""
     headers = {
-        **env.headers,
+        **copied_headers(env.headers),
         "reason": result.reason or result.status,
         "status": result.status,
-        "error": result.error,
+        "error": None if result.error is None else fit(result.error, MAX_HEADER_TEXT),
         "command_id": result.command_id,
         "source": result.source,
         "action": result.action,

@@ -4,8 +4,10 @@ shaping results. No broker, no server."""
 from __future__ import annotations
 
 import base64
+import ssl
 from datetime import UTC, datetime
 
+import httpx
 import orjson
 import pytest
 from hypothesis import given
@@ -19,8 +21,10 @@ from bridge.commands import (
     Result,
     build_request,
     command_deadline,
+    copied_headers,
     delivery_count,
     describe_invalid,
+    fit,
     interpret,
     is_last_delivery,
     make_delivery_limit,
@@ -29,9 +33,10 @@ from bridge.commands import (
     parse_result,
     result_key,
     result_message,
+    safe_id,
     transport_failure,
 )
-from bridge.simotel import TokenBucket, backoff_delay
+from bridge.simotel import TokenBucket, backoff_delay, describe_error
 
 ONE = ("simotel",)
 ORIGINATE = {"caller": "557", "callee": "09155151515", "context": "out", "caller_id": "557"}
@@ -174,11 +179,64 @@ def test_upload_file_and_form() -> None:
         {"file": {"filename": "x.wav"}},
         {"file": {"filename": "", "content_base64": "AAAA"}},
         {"file": {"filename": "x.wav", "content_base64": "not base64!"}},
+        # CR/LF would write headers of their own into the multipart part
+        {"file": {"filename": "x.wav", "content_base64": "AAAA", "content_type": "a/b\r\nX: 1"}},
+        {"file": {"filename": "x.wav", "content_base64": "AAAA", "content_type": "a/b;\nX"}},
+        {"file": {"filename": "x.wav\r\nX: 1", "content_base64": "AAAA"}},
+        {"file": {"filename": "x\x00.wav", "content_base64": "AAAA"}},
+        {"file": {"filename": "x" * 256, "content_base64": "AAAA"}},
+        {"file": {"filename": "x.wav", "content_base64": "AAAA", "content_type": "nonsense"}},
+        {"file": {"filename": "x.wav", "content_base64": "AAAA", "content_type": 7}},
     ],
 )
 def test_upload_without_a_usable_file(data: dict[str, object]) -> None:
     e = env({"action": "pbx/faxes/upload", "data": data}, message_id="u")
     assert reason_of(e) == "bad_file"
+
+
+def test_upload_content_type_with_parameters_is_kept() -> None:
+    data = {
+        "file": {"filename": "f.tif", "content_base64": "AAAA", "content_type": "image/tiff; x=1"}
+    }
+    cmd = parse_command(env({"action": "pbx/faxes/upload", "data": data}, message_id="u"), ONE)
+    assert cmd.file is not None and cmd.file.content_type == "image/tiff; x=1"
+
+
+@pytest.mark.parametrize("size", [201, 255])
+def test_an_over_long_message_id_is_refused(size: int) -> None:
+    e = env({"action": "setting/ping/act"}, message_id="m" * size)
+    assert reason_of(e) == "bad_message_id"
+    assert parse_command(env({"action": "setting/ping/act"}, message_id="m" * 200), ONE)
+
+
+def test_safe_id_and_fit() -> None:
+    assert safe_id("abc") == "abc"
+    long = "é" * 150  # 300 bytes
+    cut = safe_id(long)
+    assert len(cut.encode()) <= 200 and cut == safe_id(long) and cut != safe_id(long + "x")
+    assert len(f"{cut}:dead".encode()) <= 255
+    assert fit("é" * 10, 5) == "éé"
+
+
+def test_hostile_values_are_quoted_short_in_errors() -> None:
+    huge = "x" * 100_000
+    for e in (
+        env({"action": "setting/ping/act"}, headers={"source": huge}),
+        env({"action": "setting/ping/act"}, headers={"deadline": huge}),
+        env({"action": huge}),
+        env({"action": "setting/ping/act", huge: 1}),
+    ):
+        with pytest.raises(InvalidCommand) as info:
+            parse_command(e, ONE)
+        assert len(info.value.detail) < 200
+
+
+def test_dead_letter_headers_are_bounded() -> None:
+    assert copied_headers({"a": "b"}) == {"a": "b"}
+    assert copied_headers({"a": "x" * 5000}) == {"headers_dropped": True}
+    result = Result("c", "pbx/faxes/download", "simotel", "error", error="e" * 10_000, file=b"")
+    _, _, headers = result_message(result)
+    assert len(headers["error"].encode()) <= 512
 
 
 def test_describe_invalid() -> None:
@@ -409,3 +467,40 @@ def test_backoff_delay() -> None:
     assert backoff_delay(1, 0.2, 5, lambda: 1.0) == pytest.approx(0.2)
     assert backoff_delay(3, 0.2, 5, lambda: 1.0) == pytest.approx(0.8)
     assert backoff_delay(10, 0.2, 5, lambda: 0.5) == pytest.approx(3.75)
+
+
+def _chained(exc: BaseException, cause: BaseException) -> BaseException:
+    exc.__cause__ = cause
+    return exc
+
+
+@pytest.mark.parametrize(
+    ("exc", "text"),
+    [
+        (httpx.ConnectTimeout("timed out to secret-host"), "connect timeout (ConnectTimeout)"),
+        (httpx.ReadTimeout("secret"), "read timeout (ReadTimeout)"),
+        (
+            httpx.LocalProtocolError("Illegal header value b'the-secret\\n'"),
+            "invalid request header (LocalProtocolError)",
+        ),
+        (
+            _chained(httpx.ConnectError("secret"), ConnectionRefusedError(111, "refused")),
+            "connection refused (ConnectError)",
+        ),
+        (
+            _chained(httpx.ConnectError("secret"), ssl.SSLCertVerificationError("secret")),
+            "tls error (ConnectError)",
+        ),
+        (
+            httpx.RemoteProtocolError("secret"),
+            "protocol error from the server (RemoteProtocolError)",
+        ),
+        (
+            UnicodeEncodeError("ascii", "the-secreté", 10, 11, "secret"),
+            "invalid request header (UnicodeEncodeError)",
+        ),
+        (RuntimeError("secret"), "unexpected error (RuntimeError)"),
+    ],
+)
+def test_http_errors_are_described_without_their_text(exc: BaseException, text: str) -> None:
+    assert describe_error(exc) == text

@@ -31,6 +31,7 @@ async def test_accept_publishes_with_confirm(amqp_url: str, tmp_path: Path) -> N
             "spool_full": False,
             "spool_depth": 0,
             "oldest_age_s": 0.0,
+            "quarantined": 0,
         }
     finally:
         await stack.close()

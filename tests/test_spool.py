@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -208,4 +209,145 @@ def test_a_drained_spool_gives_its_disk_space_back(tmp_path: Path) -> None:
     assert sum(f.stat().st_size for f in files) > 2_000_000
     spool.delete_through(last)
     assert sum(f.stat().st_size for f in tmp_path.iterdir()) < 100_000
+    spool.close()
+
+
+def damage(path: Path, seq: int, **columns: object) -> None:
+    """Overwrite columns of one spooled row behind the spool's back (a damaged file)."""
+    db = sqlite3.connect(path)
+    sets = ", ".join(f"{name} = ?" for name in columns)
+    db.execute(f"UPDATE spool SET {sets} WHERE seq = ?", (*columns.values(), seq))
+    db.commit()
+    db.close()
+
+
+@pytest.mark.parametrize(
+    "columns",
+    [
+        {"headers": b"\xff not json"},
+        {"headers": b"[1, 2]"},
+        {"body": "text, not bytes"},
+        {"timestamp": "yesterday"},
+        {"call_id": b"\x00a blob"},
+    ],
+)
+def test_an_undecodable_row_is_quarantined_and_the_rest_come_back_in_order(
+    tmp_path: Path, columns: dict[str, object]
+) -> None:
+    path = tmp_path / "s.db"
+    spool = open_spool(path)
+    seqs = [spool.append(event(n)) for n in range(5)]
+    spool.close()
+    damage(path, seqs[1], **columns)
+    spool = open_spool(path)
+    batch, moved = spool.next_batch(3)
+    assert moved == 1
+    assert [s.event.message_id for s in batch] == ["m-0", "m-2", "m-3"]
+    assert (spool.depth, spool.quarantine_depth, spool.dead_copies_pending) == (4, 1, 1)
+    [q] = spool.quarantined()
+    assert q.seq == seqs[1] and q.reason.startswith("undecodable: ")
+    assert q.dead_copy == "pending"
+    # Every column is kept as it was, for a later look.
+    for name, value in columns.items():
+        assert getattr(q, name) == value
+    spool.delete_through(batch[-1].seq)
+    assert [s.event.message_id for s in spool.peek(10)] == ["m-4"]
+    spool.close()
+    reopened = open_spool(path)
+    assert (reopened.depth, reopened.quarantine_depth) == (1, 1)
+
+
+def test_quarantined_rows_count_against_the_bounds_until_dropped(tmp_path: Path) -> None:
+    spool = open_spool(tmp_path / "s.db", max_messages=3)
+    seqs = [spool.append(event(n)) for n in range(3)]
+    assert spool.quarantine(seqs[0], "refused: test")
+    assert spool.depth == 2 and spool.quarantine_depth == 1 and spool.full
+    with pytest.raises(SpoolFull) as info:
+        spool.append(event(9))
+    assert info.value.reason == "messages" and "1 quarantined" in str(info.value)
+    assert spool.drop([seqs[0], 12345]) == 1
+    assert spool.quarantine_depth == 0 and not spool.full
+    spool.append(event(9))
+
+
+def test_requeue_puts_quarantined_rows_back_at_the_end(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    spool = open_spool(path)
+    seqs = [spool.append(event(n)) for n in range(4)]
+    spool.quarantine(seqs[0], "refused: a")
+    spool.quarantine(seqs[2], "refused: b")
+    size = spool.size_bytes + spool.quarantine_bytes
+    new = spool.requeue([seqs[2], 999])
+    assert len(new) == 1 and new[0] > seqs[3]
+    assert [s.event.message_id for s in spool.peek(10)] == ["m-1", "m-3", "m-2"]
+    assert spool.requeue() == [new[0] + 1]
+    assert [s.event.message_id for s in spool.peek(10)] == ["m-1", "m-3", "m-2", "m-0"]
+    assert (spool.depth, spool.quarantine_depth) == (4, 0)
+    assert spool.size_bytes == size
+    spool.close()
+    assert open_spool(path).depth == 4
+
+
+def test_a_dead_copy_is_given_up_after_its_attempts(tmp_path: Path) -> None:
+    spool = open_spool(tmp_path / "s.db")
+    a, b = spool.append(event(0)), spool.append(event(1))
+    spool.quarantine(a, "refused: x")
+    spool.quarantine(b, "refused: y")
+    assert spool.dead_copies_pending == 2
+    assert spool.mark_dead_copy(a, sent=True, give_up_after=2) == "sent"
+    assert spool.mark_dead_copy(b, sent=False, give_up_after=2) == "pending"
+    assert spool.mark_dead_copy(b, sent=False, give_up_after=2) == "failed"
+    assert spool.dead_copies_pending == 0
+    assert [(q.seq, q.dead_copy, q.dead_attempts) for q in spool.quarantined()] == [
+        (a, "sent", 1),
+        (b, "failed", 2),
+    ]
+    assert spool.pending_dead_copies(10) == []
+
+
+def spool_config(tmp_path: Path) -> Path:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        textwrap.dedent(f"""\
+            sources:
+              simotel:
+                webhook: {{username: simotel, password: secret}}
+            spool:
+              path: {tmp_path / "spool.sqlite3"}
+            """)
+    )
+    return config
+
+
+def test_spool_command_lists_requeues_and_drops(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bridge.cli import main
+
+    config = str(spool_config(tmp_path))
+    spool = open_spool(tmp_path / "spool.sqlite3")
+    seqs = [spool.append(event(n)) for n in range(3)]
+    spool.quarantine(seqs[0], "refused: ChannelNotFoundEntity")
+    spool.quarantine(seqs[2], "undecodable: JSONDecodeError")
+    # While the bridge holds the spool, the command changes nothing and says why.
+    assert main(["spool", "requeue", "--all", "-c", config]) == 1
+    assert "in use by a running bridge" in capsys.readouterr().err
+    spool.close()
+
+    assert main(["spool", "list", "-c", config]) == 0
+    out, err = capsys.readouterr()
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [(r["id"], r["reason"], r["message_id"]) for r in rows] == [
+        (seqs[0], "refused: ChannelNotFoundEntity", "m-0"),
+        (seqs[2], "undecodable: JSONDecodeError", "m-2"),
+    ]
+    assert "2 quarantined, 1 spooled" in err
+    assert main(["spool", "requeue", "-c", config]) == 2  # neither ids nor --all
+    capsys.readouterr()
+    assert main(["spool", "requeue", str(seqs[2]), "-c", config]) == 0
+    assert main(["spool", "drop", "--all", "-c", config]) == 0
+    assert "1 event(s) deleted" in capsys.readouterr().out
+    spool = open_spool(tmp_path / "spool.sqlite3")
+    assert [s.event.message_id for s in spool.peek(10)] == ["m-1", "m-2"]
+    assert spool.quarantine_depth == 0
     spool.close()

@@ -394,7 +394,8 @@ async def test_transport_errors_are_retried_then_error(
         add = await bus.call("pbx/users/add", {"name": "x"}, message_id="a-1")
         letters = [await bus.next_dead(), await bus.next_dead()]
     assert (search.status, search.attempts, search.http_status) == ("error", 3, None)
-    assert search.error is not None and search.error.startswith("transport: ConnectError")
+    assert search.error is not None and search.error.startswith("transport: ")
+    assert search.error.endswith("(ConnectError)")
     assert (add.status, add.attempts) == ("error", 1)
     assert {header(m, "reason") for m in letters} == {"transport"}
 
