@@ -6,15 +6,23 @@ against a running bridge's /metrics, and the image's command line under a throwa
 from __future__ import annotations
 
 import json
+import os
+import pwd
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -22,7 +30,8 @@ from bridge import topology
 from bridge.amqp import Broker
 from bridge.cli import main as cli_main
 from bridge.config import AmqpSettings
-from tests.conftest import AMQP_HOST, make_settings
+from tests.brokernode import free_port
+from tests.conftest import AMQP_HOST, FIXTURES, make_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -226,3 +235,215 @@ def test_dockerignore_keeps_what_the_build_copies() -> None:
         for src in rest.split()[:-1]
     }
     assert {c.rstrip("/").removeprefix("./") for c in copied} == kept
+
+
+# --- the image's command line, run from the venv ------------------------------------------
+
+STOP_GRACE = 45.0  # compose stop_grace_period, Kubernetes terminationGracePeriodSeconds
+DEMO_WEBHOOK = ("simotel", "change-me")  # deploy/demo.yaml's webhook credentials
+
+
+def _path_map(base: Path, volume: Path) -> list[tuple[str, str]]:
+    """The image's paths -> where they are here (longest first)."""
+    return [
+        ("/opt/simotel-bridge/.venv", sys.prefix),
+        (VOLUME, str(volume)),
+        ("/etc/simotel-bridge", str(base / "etc")),
+        ("/opt/simotel-bridge", str(base / "opt")),
+    ]
+
+
+def _mapped(value: str, mapping: list[tuple[str, str]]) -> str:
+    for image_path, here in mapping:
+        value = value.replace(image_path, here)
+    return value
+
+
+def image_environment(base: Path, volume: Path, **overrides: str) -> dict[str, str]:
+    """The runtime stage's ENV with its paths mapped, a HOME, and the overrides; nothing else
+    from this process's environment."""
+    mapping = _path_map(base, volume)
+    env = {k: _mapped(v, mapping) for k, v in dockerfile_env().items()}
+    env["HOME"] = str(base / "home")
+    env["LANG"] = "C.UTF-8"
+    env.update(overrides)
+    return env
+
+
+def _unreachable_parent(path: Path) -> tuple[Path, Path] | None:
+    """The first directory on `path` that other users cannot enter (e.g. /root holding a pyenv
+    Python) and its child on the way; None when every one can be entered."""
+    for parent in reversed(path.parents):  # from / down
+        if parent != Path("/") and not parent.stat().st_mode & 0o001:
+            return parent, parent / path.relative_to(parent).parts[0]
+    return None
+
+
+def sandbox_script(base: Path, volume: Path, uid: int, gid: int, argv: list[str]) -> str:
+    """A shell script for `unshare --mount`: in a mount namespace of its own, every mount is
+    read-only except the volume, then the command runs as uid:gid with no privileges. This is
+    the container's read-only root with one writable volume, without a container engine."""
+    q = shlex.quote
+    lines = [
+        "set -eu",
+        # Never touch this machine's own mounts: stop unless in a mount namespace of our own.
+        f'[ "$(readlink /proc/self/ns/mnt)" != {q(os.readlink("/proc/self/ns/mnt"))} ] || exit 97',
+        f"mount --bind {q(str(volume))} {q(str(volume))}",
+    ]
+    hidden = _unreachable_parent(Path(os.path.realpath(sys.base_prefix)))
+    if hidden is not None:  # the interpreter sits under a directory the user cannot enter
+        closed, child = hidden
+        keep = base / "interpreter"
+        keep.mkdir()
+        lines += [
+            f"mount --bind {q(str(child))} {q(str(keep))}",
+            f"mount -t tmpfs -o mode=0755,size=64k tmpfs {q(str(closed))}",
+            f"mkdir {q(str(child))}",
+            f"mount --bind {q(str(keep))} {q(str(child))}",
+        ]
+    volume_mount = str(volume)
+    lines += [
+        # Every other mount point read-only (devices stay usable on a read-only mount).
+        "awk '{print $2}' /proc/self/mounts | sort -u | while read -r m; do",
+        f'  case "$m" in {q(volume_mount)}|/proc|/proc/*|/sys|/sys/*) continue;; esac',
+        '  mount -o remount,bind,ro "$m" 2>/dev/null || true',
+        "done",
+        f"exec setpriv --reuid={uid} --regid={gid} --clear-groups --no-new-privs"
+        f" --bounding-set=-all -- {' '.join(q(a) for a in argv)}",
+    ]
+    return "\n".join(lines)
+
+
+@dataclass
+class Running:
+    proc: subprocess.Popen[bytes]
+    base_url: str
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        with httpx.Client(base_url=self.base_url, timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                assert self.proc.poll() is None, self.output()
+                try:
+                    if client.get("/readyz").status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.1)  # a process that is starting: nothing to await
+        raise AssertionError(f"not ready within {timeout} s:\n{self.output()}")
+
+    def stop(self, grace: float = STOP_GRACE) -> tuple[int, float]:
+        """SIGTERM, as the container runtime sends it; (exit status, seconds to exit)."""
+        started = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            message = f"still running {grace} s after SIGTERM:\n{self.output()}"
+            raise AssertionError(message) from None
+        return code, time.monotonic() - started
+
+
+@contextmanager
+def image_command(argv: list[str], env: dict[str, str], cwd: Path, port: int, log: Path,
+                  wrap: list[str] | None = None) -> Iterator[Running]:  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.Popen([*(wrap or []), *argv], env=env, cwd=cwd, stdout=out, stderr=out)
+    running = Running(proc, f"http://127.0.0.1:{port}", log)
+    try:
+        yield running
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def exercise(base_url: str) -> dict[str, int]:
+    """Light traffic through the ingress: an event webhook and a component request with no
+    responder (answered with the fallback at once). The status of each, by what it was."""
+    cdr = json.loads((FIXTURES / "event-Cdr.json").read_text())
+    smart = json.loads((FIXTURES / "component-SmartApi-request.json").read_text())
+    with httpx.Client(base_url=base_url, auth=DEMO_WEBHOOK, timeout=10.0) as client:
+        event = client.post("/webhooks/simotel/events", json=cdr)
+        component = client.post("/webhooks/simotel/components/SmartApi", json=smart)
+        refused = client.post("/webhooks/simotel/events", json=cdr, auth=("simotel", "wrong"))
+    return {"event": event.status_code, "component": component.status_code,
+            "refused": refused.status_code}  # fmt: skip
+
+
+@pytest.fixture
+def throwaway_user() -> Iterator[tuple[int, int]]:
+    if os.geteuid() != 0:
+        pytest.skip("creating a throwaway user and a mount namespace needs root")
+    if not (shutil.which("useradd") and shutil.which("unshare") and shutil.which("setpriv")):
+        pytest.skip("useradd, unshare and setpriv (util-linux) are needed")
+    name = f"sbt{uuid.uuid4().hex[:8]}"
+    subprocess.run(
+        ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
+         "--shell", "/usr/sbin/nologin", "--user-group", name],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    try:
+        entry = pwd.getpwnam(name)
+        yield entry.pw_uid, entry.pw_gid
+    finally:
+        subprocess.run(["userdel", name], check=False, capture_output=True, timeout=30)
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_image_command_runs_as_non_root_on_a_read_only_root(
+    vhost: str, throwaway_user: tuple[int, int]
+) -> None:
+    uid, gid = throwaway_user
+    # Not under pytest's tmp_path: that is private to root.
+    base = Path(tempfile.mkdtemp(prefix="simotel-bridge-image-"))
+    try:
+        base.chmod(0o755)
+        for d in ("etc", "opt", "home"):
+            (base / d).mkdir(mode=0o755)
+        volume = base / "volume"
+        volume.mkdir(mode=0o700)
+        os.chown(volume, uid, gid)
+        # The quick start's configuration, mounted read-only where the image expects it.
+        config = base / "etc" / "config.yaml"
+        shutil.copyfile(DEPLOY / "demo.yaml", config)
+        config.chmod(0o644)
+        port = free_port()
+        env = image_environment(
+            base,
+            volume,
+            SIMOTEL_BRIDGE__AMQP__URL=f"amqp://guest:guest@{AMQP_HOST}/{vhost}",
+            SIMOTEL_BRIDGE__HTTP__PORT=str(port),
+            SIMOTEL_BRIDGE__HTTP__HOST="127.0.0.1",  # a shared machine: loopback only
+        )
+        workdir = Path(_mapped(dict(dockerfile_instructions())["WORKDIR"], _path_map(base, volume)))
+        assert not workdir.is_relative_to(volume)
+        argv = dockerfile_command()
+        script = sandbox_script(base, volume, uid, gid, argv)
+        log = volume.parent / "bridge.log"
+        wrap = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script]
+        with image_command([], env, workdir, port, log, wrap=wrap) as bridge:
+            bridge.wait_ready()
+            with httpx.Client(base_url=bridge.base_url, timeout=5.0) as client:
+                assert client.get("/healthz").status_code == 200
+                ready = client.get("/readyz")
+            assert ready.status_code == 200 and ready.json()["mode"] == "broker", ready.text
+            assert exercise(bridge.base_url) == {"event": 200, "component": 200, "refused": 401}
+            code, seconds = bridge.stop()
+        assert code == 0, bridge.output()
+        assert seconds < STOP_GRACE
+        # It ran as the user, and its state went to the volume (nothing else is writable).
+        written = {p.name for p in volume.iterdir()}
+        assert {"spool.sqlite3", "worker-state.sqlite3"} <= written, written
+        assert all(p.stat().st_uid == uid for p in volume.iterdir())
+        assert not any((base / "home").iterdir()) and not any(workdir.iterdir())
+        assert "Read-only file system" not in bridge.output()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
