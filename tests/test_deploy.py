@@ -5,9 +5,11 @@ against a running bridge's /metrics, and the image's command line under a throwa
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pwd
+import re
 import shlex
 import shutil
 import signal
@@ -20,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -30,8 +32,12 @@ from bridge import topology
 from bridge.amqp import Broker
 from bridge.cli import main as cli_main
 from bridge.config import AmqpSettings
+from bridge.send import send_command
 from tests.brokernode import free_port
 from tests.conftest import AMQP_HOST, FIXTURES, make_settings
+
+if TYPE_CHECKING:
+    from tests.test_worker_support import FakeSimotel
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -447,3 +453,104 @@ def test_image_command_runs_as_non_root_on_a_read_only_root(
         assert "Read-only file system" not in bridge.output()
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+# --- dashboard and alert rules against /metrics -------------------------------------------
+
+DASHBOARD = DEPLOY / "grafana" / "simotel-bridge.json"
+ALERTS = DEPLOY / "prometheus" / "alerts.yaml"
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
+_MATCHERS = re.compile(r"\{[^{}]*\}|\[[^\[\]]*\]")
+_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^()]*\)")
+_WORD = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
+_KEYWORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring"}
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """The metric names an expression selects: words left once strings, label matchers, range
+    and grouping clauses are removed, that are neither a function (a word followed by `(`) nor
+    a keyword."""
+    expr = _GROUPING.sub(" ", _MATCHERS.sub(" ", _STRINGS.sub('""', expr)))
+    names = set()
+    for m in _WORD.finditer(expr):
+        if expr[m.end() :].lstrip().startswith("(") or m.group() in _KEYWORDS:
+            continue
+        names.add(m.group())
+    return names
+
+
+def dashboard_expressions() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    for variable in dashboard["templating"]["list"]:
+        # Grafana's label_values(SELECTOR, LABEL): the selector is PromQL, the label is not.
+        if m := re.fullmatch(r"label_values\((.*),\s*\w+\)", variable.get("definition", "")):
+            exprs.append(m.group(1))
+    return exprs
+
+
+def alert_expressions() -> list[str]:
+    rules = yaml.safe_load(ALERTS.read_text())
+    return [r["expr"] for g in rules["groups"] for r in g["rules"]]
+
+
+def exposed_names(text: str) -> set[str]:
+    """Every sample name /metrics can show: the families' names with their type's suffixes
+    (a labelled family shows its # TYPE line before it has any sample), and every sample."""
+    names = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            names.add(name)
+            if kind == "histogram":
+                names |= {f"{name}_bucket", f"{name}_count", f"{name}_sum"}
+            if kind == "counter":
+                names.add(name if name.endswith("_total") else f"{name}_total")
+        elif line and not line.startswith("#"):
+            names.add(_WORD.match(line).group())  # type: ignore[union-attr]
+    return names
+
+
+def test_promql_names_are_found() -> None:
+    expr = (
+        'sum by (le, kind) (rate(a_bucket{x="b c", y=~"d|e"}[5m])) / scalar(sum(b_total))'
+        ' and on(instance) c > 0 unless absent(d{z="rate(e)"})'
+    )
+    assert promql_metric_names(expr) == {"a_bucket", "b_total", "c", "d"}
+    used = {
+        n for e in dashboard_expressions() + alert_expressions() for n in promql_metric_names(e)
+    }
+    assert used and all(n.startswith("simotel_bridge_") for n in used), used
+
+
+@pytest.mark.broker
+async def test_every_metric_of_the_dashboard_and_alerts_is_exposed(
+    vhost: str, tmp_path: Path, fake: FakeSimotel
+) -> None:
+    port = free_port()
+    config = tmp_path / "config.yaml"
+    shutil.copyfile(DEPLOY / "demo.yaml", config)
+    env = image_environment(
+        tmp_path,
+        tmp_path,
+        SIMOTEL_BRIDGE_CONFIG=str(config),
+        SIMOTEL_BRIDGE__AMQP__URL=f"amqp://guest:guest@{AMQP_HOST}/{vhost}",
+        SIMOTEL_BRIDGE__HTTP__PORT=str(port),
+        SIMOTEL_BRIDGE__HTTP__HOST="127.0.0.1",
+        SIMOTEL_BRIDGE__SOURCES__SIMOTEL__API__BASE_URL=fake.url,
+    )
+    with image_command(dockerfile_command(), env, tmp_path, port, tmp_path / "log") as bridge:
+        await asyncio.to_thread(bridge.wait_ready)
+        statuses = await asyncio.to_thread(exercise, bridge.base_url)
+        assert statuses == {"event": 200, "component": 200, "refused": 401}
+        client_settings = make_settings(f"amqp://guest:guest@{AMQP_HOST}/{vhost}", tmp_path)
+        result = await send_command(client_settings, "pbx/users/search", {}, timeout=30)
+        assert result.status == "ok", result
+        async with httpx.AsyncClient(base_url=bridge.base_url) as client:
+            text = (await client.get("/metrics")).text
+        await asyncio.to_thread(bridge.stop)
+    exposed = exposed_names(text)
+    for source, exprs in (("dashboard", dashboard_expressions()), ("alerts", alert_expressions())):
+        for expr in exprs:
+            missing = promql_metric_names(expr) - exposed
+            assert not missing, f"{source}: {sorted(missing)} not in /metrics ({expr})"
