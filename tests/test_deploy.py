@@ -635,3 +635,94 @@ def test_compose_service_configuration_is_valid(service: str, tmp_path: Path) ->
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     assert spec["command"] == [service]
+
+
+# --- Kubernetes manifests -----------------------------------------------------------------
+
+KUBERNETES = DEPLOY / "kubernetes"
+OLDEST_KUBERNETES = "1.27.0"  # StatefulSet's persistentVolumeClaimRetentionPolicy is on by default
+
+
+def manifests() -> list[tuple[str, dict[str, Any]]]:
+    docs = []
+    for path in sorted(KUBERNETES.glob("*.yaml")):
+        docs += [(path.name, d) for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def manifest(kind: str, name: str) -> dict[str, Any]:
+    (found,) = [d for _, d in manifests() if d["kind"] == kind and d["metadata"]["name"] == name]
+    return found
+
+
+@pytest.mark.parametrize("version", [OLDEST_KUBERNETES, "latest"])
+def test_kubernetes_manifests_validate(version: str) -> None:
+    import kubernetes_validate
+
+    if version == "latest":
+        version = kubernetes_validate.latest_version()
+    docs = manifests()
+    assert {d["kind"] for _, d in docs} >= {
+        "StatefulSet", "Deployment", "Service", "ConfigMap", "Secret", "PodDisruptionBudget",
+        "PersistentVolumeClaim",
+    }  # fmt: skip
+    for name, doc in docs:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            raise AssertionError(f"{name} {doc['kind']}: {exc.message}") from None
+
+
+def _containers(workload: dict[str, Any]) -> list[dict[str, Any]]:
+    containers: list[dict[str, Any]] = workload["spec"]["template"]["spec"]["containers"]
+    return containers
+
+
+def test_kubernetes_workloads_keep_the_rules() -> None:
+    ingress = manifest("StatefulSet", "simotel-bridge-ingress")
+    worker = manifest("Deployment", "simotel-bridge-worker")
+    uid = int(dict(dockerfile_instructions())["USER"].split(":")[0])
+    for workload, role in ((ingress, "ingress"), (worker, "worker")):
+        pod = workload["spec"]["template"]
+        assert pod["spec"]["terminationGracePeriodSeconds"] >= STOP_GRACE
+        assert pod["spec"]["securityContext"]["runAsUser"] == uid
+        assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+        (container,) = _containers(workload)
+        assert container["args"] == [role]
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert container["resources"]["requests"]["memory"]
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert set(mounts) == {VOLUME, "/etc/simotel-bridge"}
+        assert container["envFrom"] == [{"secretRef": {"name": "simotel-bridge"}}]
+    # One spool per ingress pod: the spool volume comes from the claim template, nothing else.
+    (spool_mount,) = [
+        m for m in _containers(ingress)[0]["volumeMounts"] if m["mountPath"] == VOLUME
+    ]
+    templates = [t["metadata"]["name"] for t in ingress["spec"]["volumeClaimTemplates"]]
+    assert templates == [spool_mount["name"]]
+    assert spool_mount["name"] not in {
+        v["name"] for v in ingress["spec"]["template"]["spec"]["volumes"]
+    }
+    assert ingress["spec"]["persistentVolumeClaimRetentionPolicy"]["whenScaled"] == "Retain"
+    assert worker["spec"]["replicas"] == 1 and worker["spec"]["strategy"]["type"] == "Recreate"
+    labels = ingress["spec"]["template"]["metadata"]["labels"]
+    for kind in ("Service", "PodDisruptionBudget"):
+        selector = manifest(kind, "simotel-bridge-ingress")["spec"]["selector"]
+        assert selector.get("matchLabels", selector) == labels, kind
+
+
+def test_kubernetes_configuration_is_the_container_configuration(tmp_path: Path) -> None:
+    config = manifest("ConfigMap", "simotel-bridge")["data"]["config.yaml"]
+    assert config == (DEPLOY / "config.container.yaml").read_text()
+    secret = manifest("Secret", "simotel-bridge")["stringData"]
+    bridge_env = compose()["x-bridge"]["environment"]
+    # The same secrets as compose passes (compose also sets the API URL, from its .env).
+    assert set(secret) == {k for k in bridge_env if not k.endswith("__BASE_URL")}
+    path = tmp_path / "config.yaml"
+    path.write_text(config)
+    env = {**image_environment(tmp_path, tmp_path), **secret, "SIMOTEL_BRIDGE_CONFIG": str(path)}
+    argv = [*dockerfile_command()[:1], "check-config"]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
