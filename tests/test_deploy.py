@@ -460,24 +460,27 @@ def test_image_command_runs_as_non_root_on_a_read_only_root(
 
 DASHBOARD = DEPLOY / "grafana" / "simotel-bridge.json"
 ALERTS = DEPLOY / "prometheus" / "alerts.yaml"
-_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
-_MATCHERS = re.compile(r"\{[^{}]*\}|\[[^\[\]]*\]")
-_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^()]*\)")
+# Grafana's interval variables are not PromQL; a value of the same kind stands in for them.
+_GRAFANA_INTERVALS = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h"}
 _WORD = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
-_KEYWORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring"}
 
 
 def promql_metric_names(expr: str) -> set[str]:
-    """The metric names an expression selects: words left once strings, label matchers, range
-    and grouping clauses are removed, that are neither a function (a word followed by `(`) nor
-    a keyword."""
-    expr = _GROUPING.sub(" ", _MATCHERS.sub(" ", _STRINGS.sub('""', expr)))
-    names = set()
-    for m in _WORD.finditer(expr):
-        if expr[m.end() :].lstrip().startswith("(") or m.group() in _KEYWORDS:
-            continue
-        names.add(m.group())
-    return names
+    """The metric names an expression selects, from the Prometheus grammar (promql-parser);
+    raises ValueError when the expression is not valid PromQL."""
+    import promql_parser
+
+    for variable, value in _GRAFANA_INTERVALS.items():
+        expr = expr.replace(variable, value)
+    names: set[str | None] = set()
+
+    def visit(node: Any) -> None:
+        if isinstance(node, promql_parser.VectorSelector):
+            names.add(node.name)
+
+    promql_parser.walk(promql_parser.parse(expr), visit)
+    assert None not in names, f"a selector without a metric name: {expr}"
+    return {n for n in names if n is not None}
 
 
 def dashboard_expressions() -> list[str]:
@@ -512,12 +515,14 @@ def exposed_names(text: str) -> set[str]:
     return names
 
 
-def test_promql_names_are_found() -> None:
+def test_promql_is_valid_and_its_names_are_found() -> None:
     expr = (
-        'sum by (le, kind) (rate(a_bucket{x="b c", y=~"d|e"}[5m])) / scalar(sum(b_total))'
-        ' and on(instance) c > 0 unless absent(d{z="rate(e)"})'
+        'sum by (le, kind) (rate(a_bucket{x="b c", y=~"$job"}[$__rate_interval]))'
+        ' / scalar(sum(b_total)) and on(instance) c > 0 unless absent(d{z="rate(e)"})'
     )
     assert promql_metric_names(expr) == {"a_bucket", "b_total", "c", "d"}
+    with pytest.raises(ValueError):
+        promql_metric_names("sum(rate(a[5m])")
     used = {
         n for e in dashboard_expressions() + alert_expressions() for n in promql_metric_names(e)
     }
