@@ -277,13 +277,38 @@ def image_environment(base: Path, volume: Path, **overrides: str) -> dict[str, s
     return env
 
 
-def _unreachable_parent(path: Path) -> tuple[Path, Path] | None:
-    """The first directory on `path` that other users cannot enter (e.g. /root holding a pyenv
-    Python) and its child on the way; None when every one can be entered."""
+def _closed_ancestor(path: Path) -> Path | None:
+    """The topmost directory above `path` that other users cannot enter (e.g. /root holding a
+    pyenv Python, or a private CI directory holding the checkout); None if there is none."""
     for parent in reversed(path.parents):  # from / down
         if parent != Path("/") and not parent.stat().st_mode & 0o001:
-            return parent, parent / path.relative_to(parent).parts[0]
+            return parent
     return None
+
+
+def _reopen_paths(base: Path) -> list[str]:
+    """Shell lines that make the interpreter, the virtualenv and the checkout reachable to
+    another user inside the namespace: each path is set aside with a bind mount, an empty
+    tmpfs (mode 0755) covers the closed directory above it, and the path is bound back."""
+    q = shlex.quote
+    wanted = sorted({Path(os.path.realpath(p)) for p in (sys.base_prefix, sys.prefix, ROOT)})
+    outer = [p for p in wanted if not any(o != p and p.is_relative_to(o) for o in wanted)]
+    groups: dict[Path, list[Path]] = {}
+    for path in outer:
+        if (closed := _closed_ancestor(path)) is not None:
+            groups.setdefault(closed, []).append(path)
+    lines: list[str] = []
+    for i, (closed, paths) in enumerate(sorted(groups.items())):
+        keeps = []
+        for j, path in enumerate(paths):
+            keep = base / f"reopen-{i}-{j}"
+            keep.mkdir()
+            keeps.append(keep)
+            lines.append(f"mount --bind {q(str(path))} {q(str(keep))}")
+        lines.append(f"mount -t tmpfs -o mode=0755,size=64k tmpfs {q(str(closed))}")
+        for path, keep in zip(paths, keeps, strict=True):
+            lines += [f"mkdir -p {q(str(path))}", f"mount --bind {q(str(keep))} {q(str(path))}"]
+    return lines
 
 
 def sandbox_script(base: Path, volume: Path, uid: int, gid: int, argv: list[str]) -> str:
@@ -297,17 +322,7 @@ def sandbox_script(base: Path, volume: Path, uid: int, gid: int, argv: list[str]
         f'[ "$(readlink /proc/self/ns/mnt)" != {q(os.readlink("/proc/self/ns/mnt"))} ] || exit 97',
         f"mount --bind {q(str(volume))} {q(str(volume))}",
     ]
-    hidden = _unreachable_parent(Path(os.path.realpath(sys.base_prefix)))
-    if hidden is not None:  # the interpreter sits under a directory the user cannot enter
-        closed, child = hidden
-        keep = base / "interpreter"
-        keep.mkdir()
-        lines += [
-            f"mount --bind {q(str(child))} {q(str(keep))}",
-            f"mount -t tmpfs -o mode=0755,size=64k tmpfs {q(str(closed))}",
-            f"mkdir {q(str(child))}",
-            f"mount --bind {q(str(keep))} {q(str(child))}",
-        ]
+    lines += _reopen_paths(base)
     volume_mount = str(volume)
     lines += [
         # Every other mount point read-only (devices stay usable on a read-only mount).
