@@ -346,17 +346,22 @@ class Running:
         return self.log.read_text(errors="replace")[-4000:]
 
     def wait_ready(self, timeout: float = 60.0) -> None:
+        """Until /readyz is 200 with events going to the broker (the ingress is ready earlier,
+        in spool mode, while its broker connection is still being made)."""
         deadline = time.monotonic() + timeout
+        last = ""
         with httpx.Client(base_url=self.base_url, timeout=2.0) as client:
             while time.monotonic() < deadline:
                 assert self.proc.poll() is None, self.output()
                 try:
-                    if client.get("/readyz").status_code == 200:
+                    ready = client.get("/readyz")
+                    last = ready.text
+                    if ready.status_code == 200 and ready.json().get("mode") == "broker":
                         return
                 except httpx.TransportError:
                     pass
                 time.sleep(0.1)  # a process that is starting: nothing to await
-        raise AssertionError(f"not ready within {timeout} s:\n{self.output()}")
+        raise AssertionError(f"not ready within {timeout} s ({last}):\n{self.output()}")
 
     def stop(self, grace: float = STOP_GRACE) -> tuple[int, float]:
         """SIGTERM, as the container runtime sends it; (exit status, seconds to exit)."""
