@@ -352,6 +352,33 @@ def _printable(value: object, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def cmd_topology(args: argparse.Namespace) -> int:
+    """Print the topology the bridge declares: RabbitMQ definitions JSON with --export."""
+    from urllib.parse import unquote, urlsplit
+
+    import orjson
+
+    from bridge import topology
+
+    settings = _settings(args)
+    # The same data every role declares from: the history stream and the reconciler's queues too.
+    topo = topology.build(settings.amqp, settings.history, sources=settings.sources)
+    if args.export:
+        # The vhost of amqp.url (its path, "/" when empty), unless given; never the URL itself.
+        path = urlsplit(settings.amqp.url.get_secret_value()).path
+        vhost = args.vhost if args.vhost is not None else (unquote(path[1:]) or "/")
+        out = orjson.dumps(topology.definitions(topo, vhost), option=orjson.OPT_INDENT_2)
+        sys.stdout.write(out.decode() + "\n")
+        return 0
+    for e in topo.exchanges:
+        print(f"exchange {e.name} ({e.type.value}) {orjson.dumps(e.arguments).decode()}")
+    for q in topo.queues:
+        print(f"queue    {q.name} {orjson.dumps(q.arguments).decode()}")
+    for b in topo.bindings:
+        print(f"binding  {b.exchange} -> {b.queue} [{b.routing_key}]")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="simotel-bridge",
@@ -415,6 +442,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ids", nargs="*", type=int, metavar="ID", help="quarantine ids (from list)")
     p.add_argument("--all", action="store_true", help="every quarantined event")
     p.set_defaults(func=cmd_spool)
+
+    p = add("topology", "print the exchanges, queues and bindings the bridge declares")
+    p.add_argument(
+        "--export", action="store_true", help="as RabbitMQ definitions JSON (import_definitions)"
+    )
+    p.add_argument("--vhost", help="the vhost to put in the definitions (default: amqp.url's)")
+    p.set_defaults(func=cmd_topology)
 
     p = sub.add_parser(
         "simulate",

@@ -204,3 +204,46 @@ async def declare(
         queue = await channel.get_queue(b.queue, ensure=False)
         await queue.bind(b.exchange, routing_key=b.routing_key)
     return topo
+
+
+def definitions(topo: Topology, vhost: str = "/") -> dict[str, Any]:
+    """The topology as RabbitMQ definitions JSON (the format of `rabbitmqctl
+    import_definitions` and the management API), every object in `vhost`. Pure: built only from
+    `topo`, the same data `declare` declares from, so whatever `build` adds is exported too.
+    No users, permissions or secrets: the operator grants those."""
+    return {
+        "vhosts": [{"name": vhost}],
+        "exchanges": [
+            {
+                "name": e.name,
+                "vhost": vhost,
+                "type": e.type.value,
+                "durable": True,
+                "auto_delete": False,
+                "internal": False,
+                "arguments": dict(e.arguments),
+            }
+            for e in topo.exchanges
+        ],
+        "queues": [
+            {
+                "name": q.name,
+                "vhost": vhost,
+                "durable": True,
+                "auto_delete": False,
+                "arguments": dict(q.arguments),
+            }
+            for q in topo.queues
+        ],
+        "bindings": [
+            {
+                "source": b.exchange,
+                "vhost": vhost,
+                "destination": b.queue,
+                "destination_type": "queue",
+                "routing_key": b.routing_key,
+                "arguments": {},
+            }
+            for b in topo.bindings
+        ],
+    }

@@ -4,6 +4,8 @@ properties, dead-letter headers, and the fixtures its examples are taken from. N
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from bridge.commands import STATUSES, Envelope, Result, needs_dead_letter, resul
 from bridge.config import COMPONENTS, AmqpSettings, HistorySettings
 from bridge.translate import KNOWN_EVENTS, Payload, build_event
 from bridge.worker import dead_letter
+from tests.nodetools import node_modules
 
 DOC_PATH = Path(__file__).resolve().parent.parent / "docs" / "asyncapi.yaml"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -227,3 +230,21 @@ def test_component_answer_examples_are_the_fixtures(doc: dict[str, Any], compone
     assert fixture in [e["payload"] for e in msg["examples"]]
     answer = resolve(doc, msg["payload"]["oneOf"][0])
     assert set(answer["required"]) == set(fixture)
+
+
+def test_official_parser_finds_no_error() -> None:
+    """The official AsyncAPI parser (@asyncapi/parser from npm, as the AsyncAPI tools use it)
+    reads the document with no error (warnings and hints are allowed)."""
+    modules = node_modules()
+    script = Path(__file__).resolve().parent / "node-tools" / "asyncapi-check.cjs"
+    done = subprocess.run(
+        ["node", str(script), str(DOC_PATH)],
+        env={**os.environ, "NODE_PATH": str(modules)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    diagnostics = json.loads(done.stdout)
+    errors = [d for d in diagnostics if d["severity"] == 0]
+    assert errors == [], errors
