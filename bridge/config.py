@@ -221,8 +221,6 @@ class ReconcileSettings(_Model):
     from_: str = Field("now", alias="from", max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     # Hours a call id seen on the exchange is remembered (must cover the longest outage).
     seen_window_h: float = Field(168.0, gt=0)
-    # Cursors and seen call ids (SQLite, WAL). One file per host; see docs/reconcile.md.
-    state_path: str = "var/reconcile.sqlite3"
     # Records a pass publishes at most (the rest waits for the next pass).
     max_per_pass: int = Field(10_000, ge=1)
     # The seen queue's length bound (the oldest drop first).

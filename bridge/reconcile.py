@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -489,22 +490,22 @@ class Reconciler:
 async def _reconcilers(
     settings: Settings, sources: Sequence[str], publisher: Publisher, metrics: ReconcileMetrics
 ) -> Any:
-    from bridge.reconcile_store import SqliteReconcileStore
+    from bridge.state import open_state_store
 
     async with contextlib.AsyncExitStack() as stack:
-        stores: dict[str, SqliteReconcileStore] = {}
+        # The worker's store (worker.state_path, or PostgreSQL at worker.state_url): one
+        # interface, and with PostgreSQL the cursors and seen ids are shared by every replica,
+        # so a fail-over neither loses nor repeats (docs/reconcile.md).
+        store = await open_state_store(settings.worker, owner=f"reconcile:{os.getpid()}")
+        stack.push_async_callback(store.aclose)
         out: list[Reconciler] = []
         for name in sources:
             src = settings.sources[name]
             if src.api is None:
                 raise ReconcileError(f"source {name!r} has no api settings")
-            path = src.reconcile.state_path
-            if path not in stores:
-                stores[path] = await SqliteReconcileStore.open(path)
-                stack.push_async_callback(stores[path].close)
             api = SimotelCursors(name, src.api)
             stack.push_async_callback(api.aclose)
-            reconciler = Reconciler(name, settings, stores[path], api, publisher, metrics)
+            reconciler = Reconciler(name, settings, store, api, publisher, metrics)
             stack.push_async_callback(reconciler.close)
             out.append(reconciler)
         yield out

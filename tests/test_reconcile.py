@@ -25,9 +25,9 @@ from bridge.config import Settings
 from bridge.ingress import create_app
 from bridge.metrics import Metrics, ReconcileMetrics
 from bridge.reconcile import Reconciler, SimotelCursors, run_once
-from bridge.reconcile_store import SqliteReconcileStore
 from bridge.simulator import RunningSimulator, SimulatorOptions, simulator
 from bridge.sink import EventSink, SpoolMetrics
+from bridge.state import open_state_store
 from tests.brokernode import free_port
 from tests.conftest import make_settings
 from tests.support import Tap, tap
@@ -43,7 +43,6 @@ def reconcile_settings(amqp_url: str, tmp_path: Path, api_url: str, **reconcile:
         "interval_s": 0.5,
         "grace_s": 0,
         "from": "beginning",
-        "state_path": str(tmp_path / "reconcile.sqlite3"),
         **reconcile,
     }
     return make_settings(
@@ -218,7 +217,8 @@ async def test_a_webhook_arriving_late_inside_the_grace_is_not_published_twice(
         stack.push_async_callback(broker.close)
         t = await stack.enter_async_context(tap(amqp, "simotel.events", "simotel.Cdr"))
         publisher = Publisher(broker)
-        store = await SqliteReconcileStore.open(settings.sources["simotel"].reconcile.state_path)
+        store = await open_state_store(settings.worker, owner="test")
+        stack.push_async_callback(store.aclose)
         api = SimotelCursors("simotel", settings.sources["simotel"].api)  # type: ignore[arg-type]
         clock = {"now": time.time()}
         reconciler = Reconciler(
@@ -254,7 +254,6 @@ async def test_a_webhook_arriving_late_inside_the_grace_is_not_published_twice(
         finally:
             await reconciler.close()
             await api.aclose()
-            await store.close()
             await publisher.close()
 
 
@@ -315,7 +314,7 @@ async def test_one_lock_holder_per_source_and_take_over_when_it_goes(
     broker = Broker(settings.amqp)
     await broker.connect()
     publisher = Publisher(broker)
-    store = await SqliteReconcileStore.open(tmp_path / "s.sqlite3")
+    store = await open_state_store(settings.worker, owner="test")
     api = SimotelCursors("simotel", settings.sources["simotel"].api)  # type: ignore[arg-type]
     registry = CollectorRegistry()
     metrics = ReconcileMetrics(registry)
@@ -336,5 +335,5 @@ async def test_one_lock_holder_per_source_and_take_over_when_it_goes(
         await first.close()
         await second.close()
         await api.aclose()
-        await store.close()
+        await store.aclose()
         await broker.close()

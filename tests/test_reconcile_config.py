@@ -22,7 +22,6 @@ def test_defaults_are_off_and_documented() -> None:
     settings = load_settings(ROOT / "config.example.yaml", environ={})
     r = settings.sources["simotel"].reconcile
     assert (r.enabled, r.interval_s, r.grace_s, r.from_) == (False, 60.0, 120.0, "now")
-    assert r.state_path == "var/reconcile.sqlite3"
     assert (
         topology.build(settings.amqp, sources=settings.sources).queues
         == topology.build(settings.amqp).queues

@@ -58,12 +58,12 @@ def write_config(
                     "interval_s": 0.3,
                     "grace_s": grace_s,
                     "from": "beginning",
-                    "state_path": str(state),
                 },
             }
         },
         "spool": {"path": str(tmp_path / f"{name}-spool.sqlite3")},
-        "worker": {"state_path": str(tmp_path / f"{name}-worker.sqlite3")},
+        # The reconciler keeps its cursors and seen ids in the worker's store.
+        "worker": {"state_path": str(state)},
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
