@@ -18,9 +18,10 @@ import aio_pika
 import aio_pika.exceptions
 import aiormq
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection, UnderlayConnection
 from aio_pika.connection import make_url
 from aiormq import spec
+from yarl import URL
 
 from bridge import topology
 from bridge.config import AmqpSettings
@@ -35,6 +36,12 @@ class Unroutable(PublishError):
     """The broker returned a mandatory publish: no queue is bound to its routing key."""
 
 
+def endpoint(url: URL | str) -> str:
+    """`host:port` of a broker URL, without credentials or vhost: the only part that is logged."""
+    u = URL(url) if isinstance(url, str) else url
+    return f"{u.host}:{u.port}"
+
+
 class _BackoffConnection(aio_pika.RobustConnection):
     """A robust connection whose reconnect attempts grow sparser the longer the broker has been
     gone: about every second at first, at most every `RECONNECT_CAP` seconds, with jitter so a
@@ -44,6 +51,33 @@ class _BackoffConnection(aio_pika.RobustConnection):
     RECONNECT_BASE = 1.0
     RECONNECT_CAP = 30.0
     _lost_at: float | None = None
+
+    # Every broker URL to try (a cluster's nodes); each connection attempt, the first one
+    # included, goes to the next in turn, so a node that went away is not waited on.
+    _urls: tuple[URL, ...] = ()
+    _next = 0
+
+    def use_urls(self, urls: tuple[URL, ...], start: int = 0) -> None:
+        self._urls = urls
+        self._next = start
+
+    @property
+    def transport(self) -> UnderlayConnection | None:
+        return self._transport
+
+    @transport.setter
+    def transport(self, value: UnderlayConnection | None) -> None:
+        # aio-pika clears the transport at the start of every connection attempt (and on
+        # close): the one hook it offers before it reads `self.url` to connect.
+        self._transport = value
+        if value is None and self._urls:
+            self.url = self._urls[self._next % len(self._urls)]
+            self._next += 1
+
+    @property
+    def endpoint(self) -> str:
+        """host:port of the node this connection is for: what logs may show of a URL."""
+        return endpoint(self.url)
 
     @property
     def reconnect_interval(self) -> float:
@@ -80,6 +114,7 @@ class Broker:
         self._up = asyncio.Event()
         self._connector: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Future[None]] = set()
+        self._declare = True
 
     @property
     def connection(self) -> AbstractRobustConnection:
@@ -104,17 +139,34 @@ class Broker:
         await self._up.wait()
 
     async def _connect_once(self, declare: bool) -> None:
-        url = self.settings.url.get_secret_value()
-        # Made here rather than by connect_robust, so that an attempt that fails or times out
-        # is closed: an abandoned robust connection would go on connecting in the background.
-        connection = _BackoffConnection(
+        """Try each configured URL in turn until one answers (each attempt bounded by
+        `amqp.connect_timeout`); raise `PublishError` when none does."""
+        urls = tuple(
             make_url(
                 url,
                 heartbeat=self.settings.heartbeat,
                 reconnect_interval=_BackoffConnection.RECONNECT_BASE,
-            ),
-            client_properties={"connection_name": self.name},
+            )
+            for url in self.settings.endpoints()
         )
+        failures: list[str] = []
+        for start in range(len(urls)):
+            try:
+                await self._connect_to(urls, start, declare)
+                return
+            except PublishError as exc:
+                failures.append(str(exc))
+                if len(urls) > 1:
+                    log.warning("broker node unreachable", node=endpoint(urls[start]))
+        raise PublishError("; ".join(failures))
+
+    async def _connect_to(self, urls: tuple[URL, ...], start: int, declare: bool) -> None:
+        # Made here rather than by connect_robust, so that an attempt that fails or times out
+        # is closed: an abandoned robust connection would go on connecting in the background.
+        connection = _BackoffConnection(
+            urls[start], client_properties={"connection_name": self.name}
+        )
+        connection.use_urls(urls, start)
         try:
             # The timeout given to connect() also bounds every later reconnect attempt: without
             # one, an attempt whose handshake never completes (a node still booting after a
@@ -123,7 +175,10 @@ class Broker:
                 await connection.connect(timeout=self.settings.connect_timeout)
         except (TimeoutError, *aio_pika.exceptions.CONNECTION_EXCEPTIONS) as exc:
             await connection.close()
-            raise PublishError(f"cannot connect to the broker: {exc!r}") from exc
+            # The exception's text may quote the URL: only host:port is reported.
+            raise PublishError(
+                f"cannot connect to the broker at {endpoint(urls[start])}: {type(exc).__name__}"
+            ) from exc
         except BaseException:
             await connection.close()
             raise
@@ -138,17 +193,29 @@ class Broker:
             await connection.close()
             raise
         self._connection = connection
-        if declare:
-            connection.reconnect_callbacks.add(self._redeclare)
+        connection.reconnect_callbacks.add(self._reconnected)
+        self._declare = declare
         self._up.set()
-        log.info("broker connected", connection=self.name)
+        log.info("broker connected", connection=self.name, node=connection.endpoint)
 
-    def _redeclare(self, connection: Any) -> None:
-        """After every reconnect: declare the topology again, so a broker that lost its
-        definitions (a new node, a reset) gets them back without a restart of the bridge.
-        In the background and bounded: aio-pika awaits this callback inside its reconnection,
-        and a quorum queue still recovering after a crash can make a declaration wait."""
-        log.info("broker reconnected", connection=self.name)
+    @property
+    def node(self) -> str | None:
+        """host:port of the node connected to now, or None."""
+        c = self._connection
+        if c is None or not self.ready or not isinstance(c, _BackoffConnection):
+            return None
+        return c.endpoint
+
+    def _reconnected(self, connection: Any) -> None:
+        """After every reconnect (to the same node or another of the cluster): declare the
+        topology again, so a broker that lost its definitions (a new node, a reset) gets them
+        back without a restart of the bridge. In the background and bounded: aio-pika awaits
+        this callback inside its reconnection, and a quorum queue still recovering after a
+        crash can make a declaration wait."""
+        node = connection.endpoint if isinstance(connection, _BackoffConnection) else None
+        log.info("broker reconnected", connection=self.name, node=node)
+        if not self._declare:
+            return
         task = asyncio.ensure_future(self._declare_again())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

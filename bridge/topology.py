@@ -68,6 +68,15 @@ class Topology:
     bindings: tuple[Binding, ...]
 
 
+def quorum_arguments(amqp: AmqpSettings) -> dict[str, Any]:
+    """Replication of every quorum queue. Only when `amqp.quorum_replicas` is set: RabbitMQ
+    (3.10 checked) refuses a redeclaration whose `x-quorum-initial-group-size` differs from the
+    queue's, absent included, so a default would break queues created without it."""
+    if amqp.quorum_replicas is None:
+        return {}
+    return {"x-quorum-initial-group-size": amqp.quorum_replicas}
+
+
 def build(amqp: AmqpSettings) -> Topology:
     ex, q = amqp.exchanges, amqp.queues
     topic = aio_pika.ExchangeType.TOPIC
@@ -90,6 +99,7 @@ def build(amqp: AmqpSettings) -> Topology:
                     "x-delivery-limit": amqp.commands_delivery_limit,
                     "x-dead-letter-exchange": ex.dead,
                     "x-dead-letter-routing-key": "delivery-limit",
+                    **quorum_arguments(amqp),
                 },
             ),
             Queue(q.dead, {"x-max-length": amqp.dead_max_length}),
