@@ -110,7 +110,9 @@ async def serve(settings: Settings, roles: frozenset[str], stop: asyncio.Event) 
         )
         host, port = settings.http.host, settings.http.port
         try:
-            url = await stack.enter_async_context(httpserver.serve(app, host, port, graceful=5))
+            reuse = settings.http.reuse_port
+            served = httpserver.serve(app, host, port, graceful=5, reuse_port=reuse)
+            url = await stack.enter_async_context(served)
         except OSError as exc:
             raise RoleFailed(f"cannot listen on {host}:{port}: {exc}") from exc
         stack.callback(stop.set)  # runs first on the way out: tells the worker to drain
