@@ -3,9 +3,11 @@
 
 Each run sends the Cdr webhook with Basic auth from wrk (Debian package `wrk`) at a fixed number
 of connections; every request is answered only after the broker confirmed its publish. Runs go
-in the order given, the single process first and again last, so drift on a shared machine shows.
+in the order given, the single process first and again last, so drift on a shared machine shows;
+`--rounds R` repeats the sequence R times and adds the median of each process count.
 
-Usage: .venv/bin/python bench/bench_cluster.py [--processes 1,2] [--seconds 10] [--connections 64]
+Usage: .venv/bin/python bench/bench_cluster.py [--processes 1,2] [--rounds 1] [--seconds 10]
+       [--connections 64]
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import base64
 import contextlib
 import os
 import platform
+import statistics
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -51,13 +54,14 @@ def ingresses(url: str, tmp: Path, count: int) -> Iterator[int]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--processes", default="1,2", help="comma-separated process counts")
+    ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--connections", type=int, default=64)
     args = ap.parse_args()
     counts = [int(x) for x in args.processes.split(",")]
     if counts[0] != 1:
         counts.insert(0, 1)
-    counts.append(1)  # the baseline again, last
+    counts = counts * args.rounds + [1]  # the baseline again, last
     auth = "Basic " + base64.b64encode(b"simotel:bench-secret").decode()
     headers = {"Content-Type": "application/json", "Authorization": auth}
     results: list[tuple[int, WrkResult]] = []
@@ -88,6 +92,13 @@ def main() -> None:
             f"| {count} | {r.requests_per_s:,.0f} | {r.requests_per_s / base:.2f} | "
             f"{r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.errors} | {r.non_2xx} |"
         )
+    medians = {
+        c: statistics.median(r.requests_per_s for n, r in results if n == c)
+        for c in dict.fromkeys(n for n, _ in results)
+    }
+    print()
+    for c, m in medians.items():
+        print(f"median req/s with {c} process(es): {m:,.0f} ({m / medians[1]:.2f} x 1 process)")
 
 
 if __name__ == "__main__":

@@ -143,6 +143,14 @@ async def test_two_ingress_processes_one_killed(
     try:
         await a.start()
         await b.start()  # the same port: refused without reuse_port
+        # A third process on b's spool file is refused: a spool has a single owner.
+        with b.log.open("ab") as out:
+            third = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "bridge.cli", "ingress", "-c", str(b.config),
+                stdout=out, stderr=out, cwd=ROOT,
+            )  # fmt: skip
+        assert await asyncio.wait_for(third.wait(), 60) != 0
+        assert "used by another process" in b.log.read_text()
         lanes = [asyncio.create_task(load.lane(i)) for i in range(4)]
         await load.more(100)
         await asyncio.to_thread(private_broker.stop, kill=True)
