@@ -25,7 +25,7 @@ from yarl import URL
 
 from bridge import topology
 from bridge.config import AmqpSettings
-from bridge.errors import PublishError
+from bridge.errors import ConfigError, PublishError
 
 log = structlog.get_logger("bridge.amqp")
 
@@ -40,6 +40,15 @@ def endpoint(url: URL | str) -> str:
     """`host:port` of a broker URL, without credentials or vhost: the only part that is logged."""
     u = URL(url) if isinstance(url, str) else url
     return f"{u.host}:{u.port}"
+
+
+def topology_refused(exc: aiormq.exceptions.ChannelPreconditionFailed) -> ConfigError:
+    """The broker has a queue or exchange declared with other arguments than ours, e.g. a quorum
+    queue created with another `amqp.quorum_replicas`. Its text names the argument, not secrets."""
+    detail = str(exc.args[0] if exc.args else exc)[:300]
+    return ConfigError(
+        [("amqp", f"the broker refused the topology ({detail}); see docs/scaling.md")]
+    )
 
 
 class _BackoffConnection(aio_pika.RobustConnection):
@@ -188,7 +197,11 @@ class Broker:
                 try:
                     await topology.declare(channel, self.settings)
                 finally:
-                    await channel.close()
+                    await close_quietly(channel)
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            # The definitions are the cluster's, not the node's: no other URL would do better.
+            await connection.close()
+            raise topology_refused(exc) from exc
         except BaseException:
             await connection.close()
             raise
@@ -237,6 +250,8 @@ class Broker:
             try:
                 await self._connect_once(declare)
                 return
+            except ConfigError as exc:  # an operator can fix the queue: keep trying, loudly
+                log.error("the broker refused the topology, retrying", error=str(exc))
             except (PublishError, *aio_pika.exceptions.CONNECTION_EXCEPTIONS) as exc:
                 log.warning("broker unreachable, retrying", error=str(exc), retry_in_s=delay)
             await asyncio.sleep(delay * random.uniform(0.8, 1.0))

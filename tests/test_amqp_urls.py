@@ -122,17 +122,11 @@ async def test_moves_to_the_next_node_when_its_node_is_killed(
         assert broker.node == f"127.0.0.1:{private_broker.port}"
         await publisher.publish("simotel.results", "s.r", json_message(b"{}", message_id="r1"))
         assert await asyncio.wait_for(got.get(), 10) == "r1"
+        moved = asyncio.Event()
+        broker.connection.reconnect_callbacks.add(lambda _: moved.set())
         await asyncio.to_thread(private_broker.stop, kill=True)
-        # Publish until the connection is on the second node; each attempt is bounded.
-        async with asyncio.timeout(60):
-            while True:
-                try:
-                    await publisher.publish(
-                        "simotel.results", "s.r", json_message(b"{}", message_id="r2")
-                    )
-                    break
-                except PublishError:
-                    await broker.connection.connected.wait()
+        await asyncio.wait_for(moved.wait(), 60)  # channels are restored before this is called
+        await publisher.publish("simotel.results", "s.r", json_message(b"{}", message_id="r2"))
         assert broker.node == AMQP_HOST
         assert await asyncio.wait_for(got.get(), 20) == "r2"
     finally:
@@ -157,3 +151,17 @@ async def test_quorum_replicas_declared_on_the_broker(vhost: str, tmp_path: Path
     )
     line = next(x for x in listed.stdout.splitlines() if x.startswith("simotel.commands"))
     assert "x-quorum-initial-group-size" in line
+
+
+@pytest.mark.broker
+async def test_another_replication_than_the_queue_has_is_a_clear_config_error(
+    vhost: str, tmp_path: Path
+) -> None:
+    url = f"amqp://guest:guest@{AMQP_HOST}/{vhost}"
+    first = Broker(make_settings(url, tmp_path, amqp={"url": url, "quorum_replicas": 1}).amqp)
+    await first.connect()
+    await first.close()
+    with pytest.raises(ConfigError) as refused:
+        await Broker(make_settings(url, tmp_path).amqp).connect()
+    assert "x-quorum-initial-group-size" in str(refused.value)
+    assert refused.value.problems[0][0] == "amqp"
