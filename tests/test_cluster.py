@@ -24,6 +24,7 @@ from test_worker_support import FakeSimotel, Received, api_settings, ok
 
 from bridge.amqp import Broker
 from bridge.config import load_settings
+from bridge.responder import ComponentRequest, ExtenApiAnswer, Responder
 from tests import cluster
 from tests.brokernode import free_port
 from tests.cluster import Cluster
@@ -41,6 +42,9 @@ rmq_cluster = cluster.rmq_cluster
 ROOT = Path(__file__).resolve().parent.parent
 CDR = orjson.loads((ROOT / "tests" / "fixtures" / "event-Cdr.json").read_bytes())
 AUTH = "Basic " + base64.b64encode(b"simotel:secret").decode()
+EXTEN_REQUEST = orjson.loads(
+    (ROOT / "tests" / "fixtures" / "component-ExtenApi-request.json").read_bytes()
+)
 
 
 def _bridge_ports(node: cluster.ClusterNode) -> list[int]:
@@ -87,6 +91,7 @@ class Load:
         self.commands: list[str] = []  # message ids of confirmed command publishes
         self.originates: dict[str, str] = {}  # caller -> command message id
         self.stopping = asyncio.Event()
+        self.components: list[tuple[float, str]] = []  # (when, extension answered)
 
     async def webhooks(self, lane: int) -> None:
         async with httpx.AsyncClient(base_url=self.base, timeout=15) as client:
@@ -106,6 +111,25 @@ class Load:
                 else:
                     self.refused += 1
                 await asyncio.sleep(0.02)  # a steady rate, not a wait for anything
+
+    async def component_calls(self) -> None:
+        """ExtenApi requests, as Simotel's dialplan sends them: answered by the test's
+        responder ("120") or, when the bridge cannot reach it in time, by the fallback."""
+        async with httpx.AsyncClient(base_url=self.base, timeout=15) as client:
+            while not self.stopping.is_set():
+                try:
+                    r = await client.post(
+                        "/webhooks/simotel/components/ExtenApi",
+                        json=EXTEN_REQUEST,
+                        headers={"Authorization": AUTH},
+                    )
+                    self.components.append((time.monotonic(), r.json().get("extension", "")))
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.05)
+
+    def answered_since(self, since: float) -> int:
+        return sum(1 for at, ext in self.components if at > since and ext == "120")
 
     async def commands_(self) -> None:
         exchange = await self.channel.get_exchange("simotel.commands", ensure=False)
@@ -134,6 +158,10 @@ class Load:
             if originate:
                 self.originates[f"c{i}"] = mid
             await asyncio.sleep(0.05)
+
+
+async def _route(req: ComponentRequest) -> ExtenApiAnswer:
+    return ExtenApiAnswer("120")
 
 
 async def _collect(queue: aio_pika.abc.AbstractQueue, into: set[str]) -> None:
@@ -181,6 +209,7 @@ async def test_node_killed_under_load(rmq_cluster: Cluster, tmp_path: Path) -> N
                     "simotel": {
                         "webhook": {"username": "simotel", "password": "secret"},
                         "api": api_settings(fake.url),
+                        "components": {"fallbacks": {"ExtenApi": {"ok": "1", "extension": "999"}}},
                     }
                 },
                 "spool": {"path": str(tmp_path / "spool.sqlite3")},
@@ -229,10 +258,17 @@ async def test_node_killed_under_load(rmq_cluster: Cluster, tmp_path: Path) -> N
             )
             await queue.bind(exchange, "#")
             await _collect(queue, into)
+        responder = Responder(conn)
+        await responder.subscribe("ExtenApi", "*", _route)
         load = Load(base, channel)
         runners = [asyncio.create_task(load.webhooks(i)) for i in range(4)]
         runners.append(asyncio.create_task(load.commands_()))
-        await _until(lambda: len(load.accepted) >= 100 and len(results) >= 20, 60, "traffic")
+        runners.append(asyncio.create_task(load.component_calls()))
+        await _until(
+            lambda: len(load.accepted) >= 100 and len(results) >= 20 and load.answered_since(0),
+            60,
+            "traffic",
+        )
         await asyncio.to_thread(victim.stop, kill=True)
         killed_at = len(load.accepted)
         # The bridge moves to another node and traffic goes on.
@@ -246,12 +282,17 @@ async def test_node_killed_under_load(rmq_cluster: Cluster, tmp_path: Path) -> N
                 await asyncio.sleep(0.5)  # polling the cluster's view of connections
 
         await asyncio.wait_for(bridge_moved(), 90)
+        # Component requests reach the responder again: the bridge consumes its replies on the
+        # new node (a fallback "999" is all a call gets otherwise).
+        moved_at = time.monotonic()
+        await _until(lambda: load.answered_since(moved_at) >= 10, 60, "component answers")
         await _until(lambda: len(load.accepted) >= killed_at + 100, 60, "traffic after the kill")
         await asyncio.to_thread(victim.start)
         await asyncio.to_thread(rmq_cluster.wait_members, 3)
         await _until(lambda: len(load.accepted) >= killed_at + 200, 60, "traffic after restart")
         load.stopping.set()
         await asyncio.wait_for(asyncio.gather(*runners), 30)
+        await responder.close()
 
         accepted = set(load.accepted)
         await _until(lambda: accepted <= events, 90, "every accepted webhook")
@@ -261,7 +302,8 @@ async def test_node_killed_under_load(rmq_cluster: Cluster, tmp_path: Path) -> N
         print(
             f"\ncluster: start {rmq_cluster.start_seconds:.1f}s; webhooks accepted "
             f"{len(accepted)} (refused {load.refused}), commands {len(load.commands)} "
-            f"(originates {len(load.originates)}, sent {len(sent)}), bridge moved to "
+            f"(originates {len(load.originates)}, sent {len(sent)}), component calls "
+            f"{len(load.components)} ({load.answered_since(0)} by the responder), bridge moved to "
             f"port {moved[0]} from {victim.port}"
         )
     finally:
