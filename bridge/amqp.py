@@ -1,9 +1,13 @@
 """The broker connection and the confirmed publisher every role uses.
 
 `Broker` owns one robust connection (heartbeats, reconnection with backoff, channels and
-consumers restored after a reconnect). `Publisher` publishes on a channel with publisher confirms
-and `on_return_raises`, so a publish either comes back confirmed or raises `PublishError` within
-its timeout: it never hangs, whatever the broker does.
+consumers restored after a reconnect). With several broker URLs (`amqp.urls`, a cluster's
+nodes) every connection attempt goes to the next URL in turn, so the same connection moves to
+another node when its node goes away; only `host:port` of a URL is ever logged.
+
+`Publisher` publishes on a channel with publisher confirms and `on_return_raises`, so a publish
+either comes back confirmed or raises `PublishError` within its timeout: it never hangs,
+whatever the broker does.
 """
 
 from __future__ import annotations
