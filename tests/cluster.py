@@ -19,13 +19,14 @@ Its start takes about 15-25 s on this (loaded, 2-core) machine; `start_seconds` 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,6 +35,26 @@ import pytest
 from tests.brokernode import PrivateBroker
 
 SIZE = 3
+
+
+class Progress:
+    """Waiting on what a test's own tasks and consumers collect: each of them calls `bump()`
+    after a change, and `until()` re-checks its condition at every bump, bounded."""
+
+    def __init__(self) -> None:
+        self._changed = asyncio.Event()
+
+    def bump(self) -> None:
+        self._changed.set()
+
+    async def until(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                while not predicate():
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
 
 
 class ClusterNode(PrivateBroker):

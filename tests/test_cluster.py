@@ -27,7 +27,7 @@ from bridge.config import load_settings
 from bridge.responder import ComponentRequest, ExtenApiAnswer, Responder
 from tests import cluster
 from tests.brokernode import free_port
-from tests.cluster import Cluster
+from tests.cluster import Cluster, Progress
 
 pytestmark = [
     pytest.mark.cluster,
@@ -83,8 +83,11 @@ async def test_quorum_queues_replicated_on_every_node(rmq_cluster: Cluster, tmp_
 class Load:
     """Webhooks and commands at a steady rate until stopped; records what was accepted."""
 
-    def __init__(self, base: str, channel: aio_pika.abc.AbstractChannel) -> None:
+    def __init__(
+        self, base: str, channel: aio_pika.abc.AbstractChannel, progress: Progress
+    ) -> None:
         self.base = base
+        self.progress = progress
         self.channel = channel
         self.accepted: list[str] = []  # message ids of webhooks answered 2xx
         self.refused = 0
@@ -108,6 +111,7 @@ class Load:
                     continue
                 if r.status_code == 200:
                     self.accepted.append(r.json()["message_id"])
+                    self.progress.bump()
                 else:
                     self.refused += 1
                 await asyncio.sleep(0.02)  # a steady rate, not a wait for anything
@@ -124,6 +128,7 @@ class Load:
                         headers={"Authorization": AUTH},
                     )
                     self.components.append((time.monotonic(), r.json().get("extension", "")))
+                    self.progress.bump()
                 except httpx.TransportError:
                     pass
                 await asyncio.sleep(0.05)
@@ -155,6 +160,7 @@ class Load:
             except Exception:  # not confirmed: it may or may not run; not counted
                 continue
             self.commands.append(mid)
+            self.progress.bump()
             if originate:
                 self.originates[f"c{i}"] = mid
             await asyncio.sleep(0.05)
@@ -164,20 +170,12 @@ async def _route(req: ComponentRequest) -> ExtenApiAnswer:
     return ExtenApiAnswer("120")
 
 
-async def _collect(queue: aio_pika.abc.AbstractQueue, into: set[str]) -> None:
+async def _collect(queue: aio_pika.abc.AbstractQueue, into: set[str], progress: Progress) -> None:
     async def on_message(message: AbstractIncomingMessage) -> None:
         into.add(str(message.message_id))
+        progress.bump()
 
     await queue.consume(on_message, no_ack=True)
-
-
-async def _until(predicate: Any, timeout: float, what: str) -> None:
-    """Wait, bounded, for a condition fed by consumers running in this loop."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 async def test_node_killed_under_load(rmq_cluster: Cluster, tmp_path: Path) -> None:
@@ -247,6 +245,7 @@ async def test_node_killed_under_load(rmq_cluster: Cluster, tmp_path: Path) -> N
         other = next(n for n in rmq_cluster.nodes if n is not victim)
         conn = await aio_pika.connect_robust(other.url)
         channel = await conn.channel(publisher_confirms=True)
+        progress = Progress()
         events: set[str] = set()
         results: set[str] = set()
         for name, exchange, into in (
@@ -257,14 +256,14 @@ async def test_node_killed_under_load(rmq_cluster: Cluster, tmp_path: Path) -> N
                 name, durable=True, arguments={"x-queue-type": "quorum"}
             )
             await queue.bind(exchange, "#")
-            await _collect(queue, into)
+            await _collect(queue, into, progress)
         responder = Responder(conn)
         await responder.subscribe("ExtenApi", "*", _route)
-        load = Load(base, channel)
+        load = Load(base, channel, progress)
         runners = [asyncio.create_task(load.webhooks(i)) for i in range(4)]
         runners.append(asyncio.create_task(load.commands_()))
         runners.append(asyncio.create_task(load.component_calls()))
-        await _until(
+        await progress.until(
             lambda: len(load.accepted) >= 100 and len(results) >= 20 and load.answered_since(0),
             60,
             "traffic",
@@ -285,18 +284,24 @@ async def test_node_killed_under_load(rmq_cluster: Cluster, tmp_path: Path) -> N
         # Component requests reach the responder again: the bridge consumes its replies on the
         # new node (a fallback "999" is all a call gets otherwise).
         moved_at = time.monotonic()
-        await _until(lambda: load.answered_since(moved_at) >= 10, 60, "component answers")
-        await _until(lambda: len(load.accepted) >= killed_at + 100, 60, "traffic after the kill")
+        await progress.until(lambda: load.answered_since(moved_at) >= 10, 60, "component answers")
+        await progress.until(
+            lambda: len(load.accepted) >= killed_at + 100, 60, "traffic after the kill"
+        )
         await asyncio.to_thread(victim.start)
         await asyncio.to_thread(rmq_cluster.wait_members, 3)
-        await _until(lambda: len(load.accepted) >= killed_at + 200, 60, "traffic after restart")
+        await progress.until(
+            lambda: len(load.accepted) >= killed_at + 200, 60, "traffic after restart"
+        )
         load.stopping.set()
         await asyncio.wait_for(asyncio.gather(*runners), 30)
         await responder.close()
 
         accepted = set(load.accepted)
-        await _until(lambda: accepted <= events, 90, "every accepted webhook")
-        await _until(lambda: set(load.commands) <= results, 90, "a result for every command")
+        await progress.until(lambda: accepted <= events, 90, "every accepted webhook")
+        await progress.until(
+            lambda: set(load.commands) <= results, 90, "a result for every command"
+        )
         sent = [r.json["caller"] for r in fake.to("call/originate/act") if r.json]
         assert len(sent) == len(set(sent)), "an originate was sent twice"
         print(
