@@ -14,7 +14,7 @@ docs/scaling.md recommends for three nodes.
         rmq_cluster.nodes[1].start()      # rejoins on its data; wait_members(3) to be sure
 
 `rmq_cluster` is module-scoped (one cluster per test module) and killed whatever happens.
-Its start takes about 15-25 s on this (loaded, 2-core) machine; `start_seconds` keeps it.
+Its start took 19-35 s on this (loaded, 2-core) machine; `start_seconds` keeps it.
 """
 
 from __future__ import annotations
