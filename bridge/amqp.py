@@ -1,9 +1,13 @@
 """The broker connection and the confirmed publisher every role uses.
 
 `Broker` owns one robust connection (heartbeats, reconnection with backoff, channels and
-consumers restored after a reconnect). `Publisher` publishes on a channel with publisher confirms
-and `on_return_raises`, so a publish either comes back confirmed or raises `PublishError` within
-its timeout: it never hangs, whatever the broker does.
+consumers restored after a reconnect). With several broker URLs (`amqp.urls`, a cluster's
+nodes) every connection attempt goes to the next URL in turn, so the same connection moves to
+another node when its node goes away; only `host:port` of a URL is ever logged.
+
+`Publisher` publishes on a channel with publisher confirms and `on_return_raises`, so a publish
+either comes back confirmed or raises `PublishError` within its timeout: it never hangs,
+whatever the broker does.
 """
 
 from __future__ import annotations
@@ -12,16 +16,22 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import aio_pika
 import aio_pika.exceptions
 import aiormq
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractRobustConnection,
+    UnderlayConnection,
+)
 from aio_pika.connection import make_url
 from aiormq import spec
+from yarl import URL
 
 from bridge import topology
 from bridge.config import AmqpSettings, HistorySettings, SourceSettings
@@ -36,6 +46,44 @@ class Unroutable(PublishError):
     """The broker returned a mandatory publish: no queue is bound to its routing key."""
 
 
+def endpoint(url: URL | str) -> str:
+    """`host:port` of a broker URL, without credentials or vhost: the only part that is logged."""
+    u = URL(url) if isinstance(url, str) else url
+    return f"{u.host}:{u.port}"
+
+
+async def connect_first(
+    urls: Sequence[str], *, robust: bool = False, **kwargs: Any
+) -> AbstractConnection:
+    """A connection to the first of `urls` (amqp.endpoints()) that answers, for the tools and the
+    reconciler's lock; the roles use `Broker`, which also moves on when its node goes away."""
+    failure: BaseException | None = None
+    for url in urls:
+        try:
+            connection: AbstractConnection
+            if robust:
+                connection = await aio_pika.connect_robust(url, **kwargs)
+            else:
+                connection = await aio_pika.connect(url, **kwargs)
+            return connection
+        except (OSError, *aio_pika.exceptions.CONNECTION_EXCEPTIONS) as exc:
+            failure = exc
+            # The exception's text may quote the URL: only host:port is reported.
+            log.warning("broker unreachable", node=endpoint(url), error=type(exc).__name__)
+    if failure is None:
+        raise ValueError("no broker URL")
+    raise failure
+
+
+def topology_refused(exc: aiormq.exceptions.ChannelPreconditionFailed) -> ConfigError:
+    """The broker has a queue or exchange declared with other arguments than ours, e.g. a quorum
+    queue created with another `amqp.quorum_replicas`. Its text names the argument, not secrets."""
+    detail = str(exc.args[0] if exc.args else exc)[:300]
+    return ConfigError(
+        [("amqp", f"the broker refused the topology ({detail}); see docs/scaling.md")]
+    )
+
+
 class _BackoffConnection(aio_pika.RobustConnection):
     """A robust connection whose reconnect attempts grow sparser the longer the broker has been
     gone: about every second at first, at most every `RECONNECT_CAP` seconds, with jitter so a
@@ -45,6 +93,33 @@ class _BackoffConnection(aio_pika.RobustConnection):
     RECONNECT_BASE = 1.0
     RECONNECT_CAP = 30.0
     _lost_at: float | None = None
+
+    # Every broker URL to try (a cluster's nodes); each connection attempt, the first one
+    # included, goes to the next in turn, so a node that went away is not waited on.
+    _urls: tuple[URL, ...] = ()
+    _next = 0
+
+    def use_urls(self, urls: tuple[URL, ...], start: int = 0) -> None:
+        self._urls = urls
+        self._next = start
+
+    @property
+    def transport(self) -> UnderlayConnection | None:
+        return self._transport
+
+    @transport.setter
+    def transport(self, value: UnderlayConnection | None) -> None:
+        # aio-pika clears the transport at the start of every connection attempt (and on
+        # close): the one hook it offers before it reads `self.url` to connect.
+        self._transport = value
+        if value is None and self._urls:
+            self.url = self._urls[self._next % len(self._urls)]
+            self._next += 1
+
+    @property
+    def endpoint(self) -> str:
+        """host:port of the node this connection is for: what logs may show of a URL."""
+        return endpoint(self.url)
 
     @property
     def reconnect_interval(self) -> float:
@@ -93,6 +168,7 @@ class Broker:
         self._up = asyncio.Event()
         self._connector: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Future[None]] = set()
+        self._declare = True
 
     @property
     def connection(self) -> AbstractRobustConnection:
@@ -117,17 +193,34 @@ class Broker:
         await self._up.wait()
 
     async def _connect_once(self, declare: bool) -> None:
-        url = self.settings.url.get_secret_value()
-        # Made here rather than by connect_robust, so that an attempt that fails or times out
-        # is closed: an abandoned robust connection would go on connecting in the background.
-        connection = _BackoffConnection(
+        """Try each configured URL in turn until one answers (each attempt bounded by
+        `amqp.connect_timeout`); raise `PublishError` when none does."""
+        urls = tuple(
             make_url(
                 url,
                 heartbeat=self.settings.heartbeat,
                 reconnect_interval=_BackoffConnection.RECONNECT_BASE,
-            ),
-            client_properties={"connection_name": self.name},
+            )
+            for url in self.settings.endpoints()
         )
+        failures: list[str] = []
+        for start in range(len(urls)):
+            try:
+                await self._connect_to(urls, start, declare)
+                return
+            except PublishError as exc:
+                failures.append(str(exc))
+                if len(urls) > 1:
+                    log.warning("broker node unreachable", node=endpoint(urls[start]))
+        raise PublishError("; ".join(failures))
+
+    async def _connect_to(self, urls: tuple[URL, ...], start: int, declare: bool) -> None:
+        # Made here rather than by connect_robust, so that an attempt that fails or times out
+        # is closed: an abandoned robust connection would go on connecting in the background.
+        connection = _BackoffConnection(
+            urls[start], client_properties={"connection_name": self.name}
+        )
+        connection.use_urls(urls, start)
         try:
             # The timeout given to connect() also bounds every later reconnect attempt: without
             # one, an attempt whose handshake never completes (a node still booting after a
@@ -136,7 +229,10 @@ class Broker:
                 await connection.connect(timeout=self.settings.connect_timeout)
         except (TimeoutError, *aio_pika.exceptions.CONNECTION_EXCEPTIONS) as exc:
             await connection.close()
-            raise PublishError(f"cannot connect to the broker: {exc!r}") from exc
+            # The exception's text may quote the URL: only host:port is reported.
+            raise PublishError(
+                f"cannot connect to the broker at {endpoint(urls[start])}: {type(exc).__name__}"
+            ) from exc
         except BaseException:
             await connection.close()
             raise
@@ -148,22 +244,38 @@ class Broker:
                         channel, self.settings, self.history, sources=self.sources
                     )
                 finally:
-                    await channel.close()
+                    await close_quietly(channel)
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            # The definitions are the cluster's, not the node's: no other URL would do better.
+            await connection.close()
+            raise topology_refused(exc) from exc
         except BaseException:
             await connection.close()
             raise
         self._connection = connection
-        if declare:
-            connection.reconnect_callbacks.add(self._redeclare)
+        connection.reconnect_callbacks.add(self._reconnected)
+        self._declare = declare
         self._up.set()
-        log.info("broker connected", connection=self.name)
+        log.info("broker connected", connection=self.name, node=connection.endpoint)
 
-    def _redeclare(self, connection: Any) -> None:
-        """After every reconnect: declare the topology again, so a broker that lost its
-        definitions (a new node, a reset) gets them back without a restart of the bridge.
-        In the background and bounded: aio-pika awaits this callback inside its reconnection,
-        and a quorum queue still recovering after a crash can make a declaration wait."""
-        log.info("broker reconnected", connection=self.name)
+    @property
+    def node(self) -> str | None:
+        """host:port of the node connected to now, or None."""
+        c = self._connection
+        if c is None or not self.ready or not isinstance(c, _BackoffConnection):
+            return None
+        return c.endpoint
+
+    def _reconnected(self, connection: Any) -> None:
+        """After every reconnect (to the same node or another of the cluster): declare the
+        topology again, so a broker that lost its definitions (a new node, a reset) gets them
+        back without a restart of the bridge. In the background and bounded: aio-pika awaits
+        this callback inside its reconnection, and a quorum queue still recovering after a
+        crash can make a declaration wait."""
+        node = connection.endpoint if isinstance(connection, _BackoffConnection) else None
+        log.info("broker reconnected", connection=self.name, node=node)
+        if not self._declare:
+            return
         task = asyncio.ensure_future(self._declare_again())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -187,10 +299,10 @@ class Broker:
             try:
                 await self._connect_once(declare)
                 return
+            except ConfigError as exc:  # an operator can fix the queue: keep trying, loudly
+                log.error("the broker refused the topology, retrying", error=str(exc))
             except (PublishError, *aio_pika.exceptions.CONNECTION_EXCEPTIONS) as exc:
                 log.warning("broker unreachable, retrying", error=str(exc), retry_in_s=delay)
-            except ConfigError as exc:  # e.g. the history stream's arguments changed
-                log.error("the topology cannot be declared, retrying", error=str(exc))
             await asyncio.sleep(delay * random.uniform(0.8, 1.0))
             delay = min(delay * 2, _BackoffConnection.RECONNECT_CAP)
 

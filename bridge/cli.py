@@ -193,7 +193,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
         summary = await replay(
-            settings.amqp.url.get_secret_value(),
+            settings.amqp.endpoints(),
             args.since,
             args.until,
             args.pattern,
@@ -365,7 +365,7 @@ def cmd_topology(args: argparse.Namespace) -> int:
     topo = topology.build(settings.amqp, settings.history, sources=settings.sources)
     if args.export:
         # The vhost of amqp.url (its path, "/" when empty), unless given; never the URL itself.
-        path = urlsplit(settings.amqp.url.get_secret_value()).path
+        path = urlsplit(settings.amqp.endpoints()[0]).path
         vhost = args.vhost if args.vhost is not None else (unquote(path[1:]) or "/")
         out = orjson.dumps(topology.definitions(topo, vhost), option=orjson.OPT_INDENT_2)
         sys.stdout.write(out.decode() + "\n")

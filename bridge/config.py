@@ -31,6 +31,8 @@ from bridge.errors import ConfigError
 ENV_PREFIX = "SIMOTEL_BRIDGE__"
 SOURCE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 COMPONENTS = ("SmartApi", "ExtenApi", "TrunkApi", "IvrApi")
+MAX_AMQP_URLS = 16
+AMQP_URL = re.compile(r"^amqps?://[^/\s?#]+(/\S*)?$")
 
 
 class _Model(BaseModel):
@@ -89,6 +91,34 @@ class AmqpSettings(_Model):
     # Quorum queue delivery limit: a command redelivered more often than this is dead-lettered.
     commands_delivery_limit: int = Field(5, ge=1, le=1000)
 
+    # Several broker nodes (a RabbitMQ cluster): the bridge connects to the first that answers
+    # and moves to the next when its node goes away. Given instead of `url`, not with it.
+    urls: tuple[Secret, ...] = Field((), max_length=MAX_AMQP_URLS)
+    # Members of each quorum queue (x-quorum-initial-group-size). Unset: the argument is left
+    # out and RabbitMQ decides (a member on every cluster node). Fixed when a queue is created.
+    quorum_replicas: int | None = Field(None, ge=1, le=9)
+
+    @field_validator("urls")
+    @classmethod
+    def _amqp_urls(cls, v: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        for i, url in enumerate(v):
+            # The URL may hold a password: only its position is reported.
+            if not AMQP_URL.match(url.get_secret_value()):
+                raise ValueError(f"entry {i} is not an amqp:// or amqps:// URL with a host")
+        return v
+
+    @model_validator(mode="after")
+    def _one_way(self) -> AmqpSettings:
+        if self.urls and "url" in self.model_fields_set:
+            raise ValueError("give either url or urls, not both")
+        return self
+
+    def endpoints(self) -> tuple[str, ...]:
+        """The broker URLs to try, in order (secrets included: never log them)."""
+        if self.urls:
+            return tuple(u.get_secret_value() for u in self.urls)
+        return (self.url.get_secret_value(),)
+
 
 class HttpSettings(_Model):
     host: str = "127.0.0.1"
@@ -103,6 +133,9 @@ class HttpSettings(_Model):
     header_timeout_s: float = Field(10.0, gt=0, le=300)
     body_timeout_s: float = Field(10.0, gt=0, le=600)
     max_connections: int = Field(1024, ge=1, le=100_000)
+    # SO_REUSEPORT: several ingress processes (each with its own spool.path) listen on one
+    # port and the kernel spreads connections between them. Linux and the BSDs only.
+    reuse_port: bool = False
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -282,15 +282,19 @@ async def serve(
     *,
     graceful: float = 2.0,
     guard: Guard | None = None,
+    reuse_port: bool = False,
 ) -> AsyncIterator[str]:
     """Run `app` while the block runs; yields its base URL, e.g. `http://127.0.0.1:40123`.
-    Binding happens before anything else, so a taken port fails here with OSError. On exit,
-    open requests get `graceful` seconds to finish. `guard`: the listener's limits (the
-    defaults when omitted)."""
+    Binding happens before anything else, so a taken port fails here with OSError (unless every
+    process on it sets `reuse_port`). On exit, open requests get `graceful` seconds to finish.
+    `guard`: the listener's limits (the defaults when omitted)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if reuse_port:
+        # Several processes bound to one port; the kernel spreads new connections over them.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
         sock.listen(2048)

@@ -38,7 +38,7 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
 from bridge import cdr, topology
-from bridge.amqp import Publisher
+from bridge.amqp import Publisher, connect_first
 from bridge.catalog import CATALOG
 from bridge.config import ApiSettings, ReconcileSettings, Settings
 from bridge.errors import BridgeError, PublishError
@@ -218,8 +218,10 @@ class SimotelCursors:
 class BrokerLock:
     """The lock of one source: an exclusive queue on a connection of its own."""
 
-    def __init__(self, url: str, source: str, heartbeat: int = 20) -> None:
-        self.url = url
+    def __init__(self, urls: Sequence[str], source: str, heartbeat: int = 20) -> None:
+        # Every node of a cluster: the lock is taken on the first that answers (an exclusive
+        # queue lives on the node it was declared on, and goes with that node or connection).
+        self.urls = tuple(urls)
         self.source = source
         self.heartbeat = heartbeat
         self.name = f"{topology.reconcile_queue_name(source)}.lock"
@@ -236,8 +238,8 @@ class BrokerLock:
         if self.held:
             return True
         await self.release()
-        connection = await aio_pika.connect(
-            self.url,
+        connection = await connect_first(
+            self.urls,
             timeout=10,
             heartbeat=self.heartbeat,
             client_properties={"connection_name": f"simotel-bridge reconcile {self.source}"},
@@ -306,9 +308,7 @@ class Reconciler:
         self.publisher = publisher
         self.metrics = metrics
         self.clock = clock
-        self.lock = BrokerLock(
-            settings.amqp.url.get_secret_value(), source, settings.amqp.heartbeat
-        )
+        self.lock = BrokerLock(settings.amqp.endpoints(), source, settings.amqp.heartbeat)
         self.queue_name = topology.reconcile_queue_name(source)
 
     async def close(self) -> None:

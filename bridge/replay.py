@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -24,6 +24,7 @@ import aio_pika.exceptions
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 
+from bridge.amqp import connect_first
 from bridge.errors import BridgeError
 from bridge.history import DEFAULT_SKEW, HISTORY_STREAM, event_time, history_window
 
@@ -175,7 +176,7 @@ async def _check_target(channel: AbstractChannel, target: Target, events: str) -
 
 
 async def replay(
-    url: str,
+    url: str | Sequence[str],
     since: datetime,
     until: datetime | None,
     pattern: str,
@@ -195,8 +196,9 @@ async def replay(
     started = time.monotonic()
     end = until or datetime.now(UTC)
     bar = Progress(progress, since, end)
-    connection = await aio_pika.connect(
-        url, client_properties={"connection_name": "simotel-bridge replay"}
+    connection = await connect_first(
+        [url] if isinstance(url, str) else url,
+        client_properties={"connection_name": "simotel-bridge replay"},
     )
     async with connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)

@@ -127,7 +127,8 @@ async def serve(settings: Settings, roles: frozenset[str], stop: asyncio.Event) 
         host, port = settings.http.host, settings.http.port
         try:
             guard = listener_guard(settings, metrics, webhooks=ingress)
-            served = httpserver.serve(app, host, port, graceful=5, guard=guard)
+            reuse = settings.http.reuse_port
+            served = httpserver.serve(app, host, port, graceful=5, guard=guard, reuse_port=reuse)
             url = await stack.enter_async_context(served)
         except OSError as exc:
             raise RoleFailed(f"cannot listen on {host}:{port}: {exc}") from exc

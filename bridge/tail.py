@@ -14,11 +14,11 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-import aio_pika
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
 from bridge import topology
+from bridge.amqp import connect_first
 from bridge.config import Settings
 
 _MAX_BACKLOG = 10_000  # a slow terminal drops the oldest messages instead of filling the broker
@@ -128,8 +128,9 @@ async def tail(
     is_tty = out.isatty() if hasattr(out, "isatty") else False
     colour = is_tty and not os.environ.get("NO_COLOR")
     inbox: asyncio.Queue[tuple[str, AbstractIncomingMessage]] = asyncio.Queue()
-    connection = await aio_pika.connect_robust(
-        settings.amqp.url.get_secret_value(),
+    connection = await connect_first(
+        settings.amqp.endpoints(),
+        robust=True,
         client_properties={"connection_name": "simotel-bridge tail"},
     )
     printed = 0
@@ -210,8 +211,8 @@ async def tail_since(
     caught_up = asyncio.Event()
     # A plain connection: a reconnect would attach the stream again at `since`, printing the
     # history a second time. A lost connection ends tail with an error instead.
-    connection = await aio_pika.connect(
-        settings.amqp.url.get_secret_value(),
+    connection = await connect_first(
+        settings.amqp.endpoints(),
         client_properties={"connection_name": "simotel-bridge tail --since"},
     )
     printed = 0

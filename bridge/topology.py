@@ -72,6 +72,15 @@ class Topology:
     bindings: tuple[Binding, ...]
 
 
+def quorum_arguments(amqp: AmqpSettings) -> dict[str, Any]:
+    """Replication of every quorum queue. Only when `amqp.quorum_replicas` is set: RabbitMQ
+    (3.10 checked) refuses a redeclaration whose `x-quorum-initial-group-size` differs from the
+    queue's, absent included, so a default would break queues created without it."""
+    if amqp.quorum_replicas is None:
+        return {}
+    return {"x-quorum-initial-group-size": amqp.quorum_replicas}
+
+
 def build(
     amqp: AmqpSettings,
     history: HistorySettings | None = None,
@@ -104,6 +113,7 @@ def build(
                     "x-delivery-limit": amqp.commands_delivery_limit,
                     "x-dead-letter-exchange": ex.dead,
                     "x-dead-letter-routing-key": "delivery-limit",
+                    **quorum_arguments(amqp),
                 },
             ),
             Queue(q.dead, {"x-max-length": amqp.dead_max_length}),
