@@ -5,7 +5,8 @@ It sends a user search, an agent pause (and resume) and an originate over Rabbit
 microservice would (`bridge.send.send_command`: a command message with `reply_to`), and prints
 one line per command; `simotel-bridge tail` shows the results as they come back, and the
 originated call's webhooks then flow like any other call's. Every `--summary-every` seconds it
-prints events/s, routed calls, command results and the spool's depth.
+prints events/s, routed calls, command results, the spool's depth and the calls the reconciler
+recovered (counters restart with the bridge).
 
     .venv/bin/python examples/demo_commands.py -c deploy/demo.yaml
 """
@@ -73,10 +74,12 @@ def summary_line(now: dict[str, float], before: dict[str, float], seconds: float
     fallbacks = now.get("simotel_bridge_component_requests_total", 0.0) - routed
     ok = now.get("simotel_bridge_commands_total{status=ok}", 0.0)
     done = now.get("simotel_bridge_commands_total", 0.0)
+    recovered = now.get("simotel_bridge_reconcile_recovered_total", 0.0)
     return (
         f"events {events / seconds:.1f}/s · routed calls {routed:.0f} "
         f"(fallbacks {fallbacks:.0f}) · commands ok {ok:.0f}, not ok {done - ok:.0f} · "
-        f"spool {now.get('simotel_bridge_spool_depth', 0.0):.0f}"
+        f"spool {now.get('simotel_bridge_spool_depth', 0.0):.0f} · "
+        f"calls recovered {recovered:.0f}"
     )
 
 
@@ -106,7 +109,7 @@ async def run_summary(url: str, every: float, stop: asyncio.Event) -> None:
         try:
             now = await asyncio.to_thread(scrape, url)
         except OSError as exc:
-            _say("stats", f"the bridge's /metrics did not answer ({exc})")
+            _say("stats", f"the bridge is not answering ({type(exc).__name__}): stopped?")
             continue
         moment = time.monotonic()
         if before:
