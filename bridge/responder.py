@@ -43,9 +43,9 @@ from aio_pika.abc import (
     AbstractQueue,
 )
 
-from bridge import smartapi
+from bridge import smartapi, wire
 from bridge.components import COMPONENTS, ERROR_TYPE, Component, validate_answer
-from bridge.topology import sanitise
+from bridge.topology import component_key
 
 log = structlog.get_logger("bridge.responder")
 
@@ -163,10 +163,13 @@ def encode_answer(component: str, answer: Answer) -> bytes:
 
 
 def binding_key(source: str, component: str, app_name: str) -> str:
-    """`*` is a wildcard for source and app_name; app_name is sanitised like the bridge does."""
+    """`*` is a wildcard for source and app_name; otherwise the key is the one the bridge
+    publishes to (`topology.component_key`: app_name sanitised, a long one cut and hashed)."""
     if component not in COMPONENTS:
         raise ValueError(f"component must be one of {', '.join(COMPONENTS)}")
-    return f"{source}.{component}.{app_name if app_name == '*' else sanitise(app_name)}"
+    if app_name == "*":
+        return f"{source}.{component}.*"
+    return component_key(source, component, app_name)
 
 
 class Responder:
@@ -203,7 +206,7 @@ class Responder:
         """Answer `component` requests of `app_name` (`*`: all) from `source` (`*`: any) with
         `handler`. Returns the queue name."""
         key = binding_key(source, component, app_name)
-        name = f"{self.queue_prefix}.{key.replace('*', 'any')}"
+        name = wire.shortstr(f"{self.queue_prefix}.{key.replace('*', 'any')}")
         channel = await self.connection.channel(publisher_confirms=False)
         self._channels.append(channel)
         await channel.set_qos(prefetch_count=self.prefetch)
