@@ -117,11 +117,22 @@ def _dialable(answer: dict[str, Any], key: str) -> str:
     return value
 
 
+# Characters the dialplan gives a meaning to where TrunkApi's trunk and IvrApi's case end up:
+# `&` joins dial targets, `${...}` expands a variable or a function, `|` is the old separator.
+DIALPLAN_UNSAFE = frozenset("&${}|")
+
+
 def _safe(answer: dict[str, Any], key: str) -> str:
+    """A text value of a TrunkApi / IvrApi answer: SmartApi's text rules (no quotes, separators,
+    look-alikes or control characters) and none of DIALPLAN_UNSAFE."""
     try:
-        return smartapi.check_text(_text(answer, key), repr(key))
+        value = smartapi.check_text(_text(answer, key), repr(key))
     except smartapi.SmartApiError as exc:
         raise InvalidAnswer(str(exc)) from None
+    bad = DIALPLAN_UNSAFE.intersection(value)
+    if bad:
+        raise InvalidAnswer(f"{key!r} must not contain {''.join(sorted(bad))!r}")
+    return value
 
 
 def validate_answer(component: str, answer: object) -> Answer:
