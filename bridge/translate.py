@@ -93,9 +93,22 @@ class Payload:
     raw: bytes | None = None
 
 
+# Fields of one form or query string. Simotel sends a few dozen; reading a flood of tens of
+# thousands would hold the event loop (for every other webhook) for a second or more.
+MAX_FIELDS = 1000
+
+
+def _pairs(text: str) -> list[tuple[str, str]]:
+    """Form/query pairs, refusing a flood before reading it (WebhookError 400)."""
+    if text.count("&") >= MAX_FIELDS:
+        raise WebhookError(400, "too_many_fields", f"{MAX_FIELDS} fields at most")
+    return parse_qsl(text, keep_blank_values=True, strict_parsing=True)
+
+
 def parse_payload(content_type: str, body: bytes, query_string: str) -> Payload:
     """Read a webhook's fields from its body (JSON or form) or, when the body is empty, from
-    its query string. Raises WebhookError(400) for anything unreadable or empty."""
+    its query string. Raises WebhookError(400) for anything unreadable, empty or a flood of
+    more than MAX_FIELDS fields."""
     ctype = content_type.split(";", 1)[0].strip().lower()
     stripped = body.strip()
     if stripped:
@@ -104,7 +117,7 @@ def parse_payload(content_type: str, body: bytes, query_string: str) -> Payload:
         ):
             try:
                 text = body.decode("utf-8")
-                pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=True)
+                pairs = _pairs(text)
             except (UnicodeDecodeError, ValueError) as exc:
                 raise WebhookError(400, "invalid_form", "the form body cannot be read") from exc
             fields = _pairs_to_dict(pairs)
@@ -122,7 +135,7 @@ def parse_payload(content_type: str, body: bytes, query_string: str) -> Payload:
             fields, form, raw = parsed, "json", body
     elif query_string:
         try:
-            pairs = parse_qsl(query_string, keep_blank_values=True, strict_parsing=True)
+            pairs = _pairs(query_string)
         except ValueError as exc:
             raise WebhookError(400, "invalid_query", "the query string cannot be read") from exc
         fields, form, raw = _pairs_to_dict(pairs), "query", None
