@@ -155,6 +155,18 @@ class EventTap:
             self.messages.append(message)
             self._arrived.notify_all()
 
+    async def wait_for(
+        self, match: Callable[[AbstractIncomingMessage], bool], count: int, timeout: float = 15.0
+    ) -> list[AbstractIncomingMessage]:
+        """Wait until `count` messages held now match; return them (they stay held)."""
+
+        def found() -> list[AbstractIncomingMessage]:
+            return [m for m in self.messages if match(m)]
+
+        async with asyncio.timeout(timeout), self._arrived:
+            await self._arrived.wait_for(lambda: len(found()) >= count)
+            return found()
+
     async def take_until(
         self, message_id: str, timeout: float = 15.0
     ) -> list[AbstractIncomingMessage]:

@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from bridge.translate import KNOWN_EVENTS
@@ -222,7 +222,31 @@ async def check(world: World, h: Hostile) -> None:
     await world.assert_healthy()
 
 
+FORM = "application/x-www-form-urlencoded"
+
+
+# The known attacks run every time, whatever the budget; Hypothesis adds its own around them.
 @attack()
+@example(Hostile("POST", None, FORM, b"a=1&" * 30_000 + b"event_name=Cdr", "", [], "good"))
+@example(Hostile("GET", "Cdr", "", b"", "a=1&" * 15_000, [], "good"))
+@example(Hostile("POST", "E" * 5000, "application/json", b'{"a": 1}', "", [], "good"))
+@example(
+    Hostile(
+        "POST",
+        None,
+        "",
+        b'{"event_name": "Cdr", "unique_id": "' + b"9" * HUGE + b'"}',
+        "",
+        [],
+        "good",
+    )
+)
+@example(
+    Hostile("POST", None, "", b'{"event_name": "' + "é".encode() * 100_000 + b'"}', "", [], "good")
+)
+@example(
+    Hostile("POST", None, "", b'{"event_name": "Cdr"}', "", [("x-junk", "x" * 60_000)] * 20, "good")
+)
 @given(hostile())
 def test_hostile_webhooks_keep_the_promise(world: World, h: Hostile) -> None:
     world.run(check(world, h))
