@@ -436,7 +436,9 @@ class ComponentRpc:
         elapsed = loop.time() - started
         self.metrics.requests.labels(source, component, outcome).inc()
         self.metrics.latency.labels(component, outcome).observe(elapsed)
-        ctx = dict(source=source, component=component, app_name=app_name, outcome=outcome)
+        ctx = dict(
+            source=source, component=component, app_name=wire.for_log(app_name), outcome=outcome
+        )
         if outcome in ("answered", "fallback-overload"):  # the ingress logs every request
             log.debug("component answered", **ctx, ms=round(elapsed * 1000, 2))
         else:

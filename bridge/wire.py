@@ -17,6 +17,7 @@ that comes from input and reaches a property or a header goes through this modul
                               `answer`); the names of cut values are listed in `truncated`
     check(routing_key, props) the last line before a publish: raises WireError if the routing
                               key or the whole content header is over the budget
+    for_log(value)            a value from input cut for a log line
 
 A value is always cut at a UTF-8 character boundary, never in the middle of a character.
 """
@@ -71,6 +72,21 @@ def fit(value: str, limit: int) -> tuple[str, bool]:
             return data.decode("utf-8"), True
         return value, False
     return data[:limit].decode("utf-8", "ignore"), True
+
+
+# A value from input written to a log line: enough to recognise it.
+LOG_VALUE_MAX = 256
+
+
+def for_log(value: object, limit: int = LOG_VALUE_MAX) -> object:
+    """A value from input as it may appear in a log line: text cut to `limit` bytes (with a
+    note of the full length); other values unchanged."""
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if not isinstance(value, str):
+        value = repr(value)
+    text, cut = fit(value, limit)
+    return f"{text}...({len(value)} chars)" if cut else text
 
 
 def _digest(value: str) -> str:

@@ -78,3 +78,12 @@ def test_an_event_that_cannot_be_published_is_refused_not_spooled() -> None:
         build_event("simotel.events", "s", "E" * 300, payload)
     assert exc.value.status == 400
     assert build_event("simotel.events", "s", "E" * 200, payload).routing_key == "s." + "E" * 200
+
+
+def test_values_from_input_are_cut_for_log_lines() -> None:
+    assert wire.for_log("vip") == "vip"
+    assert wire.for_log(None) is None and wire.for_log(3) == 3
+    long = wire.for_log("a" * 300_000)
+    assert isinstance(long, str) and len(long) < 300 and long.endswith("(300000 chars)")
+    listed = wire.for_log(["x" * 10_000])
+    assert isinstance(listed, str) and len(listed) < 300

@@ -9,6 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 from aio_pika.abc import AbstractRobustConnection
+from structlog.testing import capture_logs
 
 from tests.attackkit import AUTH, NORMAL_EVENT, FullBridge, full_settings
 from tests.support import tap
@@ -33,9 +34,11 @@ async def test_a_huge_app_name_never_cuts_the_shared_connection(
     request = {"app_name": HUGE_APP_NAME, "unique_id": "1610778618.378", "src": "09120000000"}
     async with tap(amqp, "simotel.events", "simotel.#") as events:
         for _ in range(3):
-            r, elapsed = await audited.component("SmartApi", request)
+            with capture_logs() as lines:
+                r, elapsed = await audited.component("SmartApi", request)
             assert r.status_code == 200 and r.json() == {"ok": "0"}
             assert elapsed < 1.0
+            assert lines and all(len(repr(line)) < 2000 for line in lines)  # bounded logs too
         r = await audited.client.post("/webhooks/simotel/events", json=NORMAL_EVENT, auth=AUTH)
         assert r.status_code == 200
         got = await events.wait_for(4, timeout=5)
