@@ -83,6 +83,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComponentWorld]:
 
 # --- what the PBX side sends ----------------------------------------------------------------
 
+# JSON integers as the bridge reads them (orjson: 64 bits); a larger one is an unreadable body,
+# sent as a fixed example instead.
+ints = st.integers(-(2**63), 2**64 - 1)
+
 odd_text = st.one_of(
     st.text(max_size=30),
     st.sampled_from(["", "vip route", "\uff07;\uff08", "../x", "*", "#", "a.b", "\u0661\u0662"]),
@@ -97,11 +101,11 @@ components = st.one_of(
 request_fields = st.fixed_dictionaries(
     {},
     optional={
-        "app_name": st.one_of(odd_text, st.integers(), st.none(), st.lists(odd_text, max_size=2)),
+        "app_name": st.one_of(odd_text, ints, st.none(), st.lists(odd_text, max_size=2)),
         "src": odd_text,
         "dst": odd_text,
         "data": odd_text,
-        "unique_id": st.one_of(odd_text, st.integers()),
+        "unique_id": st.one_of(odd_text, ints),
     },
 )
 
@@ -126,7 +130,7 @@ scripts = st.one_of(
     st.text(max_size=80),
 )
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | look_alikes,
+    st.none() | st.booleans() | ints | st.floats(allow_nan=False) | look_alikes,
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner),
     max_leaves=8,
 )
@@ -206,8 +210,9 @@ async def check(world: ComponentWorld, call: Call) -> None:
     if canonical is None:
         assert r.status_code == 404, r.text
     elif r.status_code != 200:
-        # Only a request the bridge cannot read at all is refused (e.g. nothing in it).
-        assert 400 <= r.status_code < 500 and r.json()["error"] == "empty_payload", r.text
+        # Only a request the bridge cannot read at all is refused (nothing in it, a flood).
+        assert r.status_code == 400, r.text
+        assert r.json()["error"] in ("empty_payload", "invalid_json", "too_many_fields"), r.text
     else:
         answer = r.json()
         assert validate_answer(canonical, answer) == answer  # valid, canonical

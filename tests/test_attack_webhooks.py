@@ -39,6 +39,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 # --- what an attacker sends -----------------------------------------------------------------
 
+# JSON integers as the bridge reads them (orjson: 64 bits); a larger one is an unreadable body,
+# sent as a fixed example instead.
+ints = st.integers(-(2**63), 2**64 - 1)
+
 HUGE = 300_000
 odd_text = st.one_of(
     st.text(max_size=40),
@@ -51,7 +55,7 @@ names = st.one_of(
     st.sampled_from([k.upper() for k in KNOWN_EVENTS]),
     odd_text,
 )
-scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), odd_text)
+scalars = st.one_of(st.none(), st.booleans(), ints, st.floats(allow_nan=False), odd_text)
 json_values = st.recursive(
     scalars,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(odd_text, inner, max_size=4),
@@ -59,7 +63,7 @@ json_values = st.recursive(
 )
 id_values = st.one_of(
     odd_text,
-    st.integers(),
+    ints,
     st.just("1" * HUGE),
     st.just("é" * 1000),
     st.lists(st.text(max_size=5), max_size=3),
@@ -246,6 +250,9 @@ FORM = "application/x-www-form-urlencoded"
 )
 @example(
     Hostile("POST", None, "", b'{"event_name": "Cdr"}', "", [("x-junk", "x" * 60_000)] * 20, "good")
+)
+@example(
+    Hostile("POST", None, "", b'{"event_name": "Cdr", "x": ' + b"9" * 400 + b"}", "", [], "good")
 )
 @given(hostile())
 def test_hostile_webhooks_keep_the_promise(world: World, h: Hostile) -> None:
