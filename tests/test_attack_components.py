@@ -210,9 +210,11 @@ async def check(world: ComponentWorld, call: Call) -> None:
     if canonical is None:
         assert r.status_code == 404, r.text
     elif r.status_code != 200:
-        # Only a request the bridge cannot read at all is refused (nothing in it, a flood).
-        assert r.status_code == 400, r.text
-        assert r.json()["error"] in ("empty_payload", "invalid_json", "too_many_fields"), r.text
+        # Only a request the bridge cannot read at all is refused (nothing in it, a flood, over
+        # http.max_body_bytes).
+        assert r.status_code in (400, 413), r.text
+        refusals = ("empty_payload", "invalid_json", "too_many_fields", "too_large")
+        assert r.json()["error"] in refusals, r.text
     else:
         answer = r.json()
         assert validate_answer(canonical, answer) == answer  # valid, canonical
