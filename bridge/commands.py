@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import mimetypes
 import re
 from collections.abc import Collection, Mapping
@@ -22,6 +21,7 @@ from typing import Any, Literal
 
 import orjson
 
+from bridge import wire
 from bridge.catalog import Endpoint, lookup
 from bridge.errors import CommandError
 from bridge.topology import command_key
@@ -49,21 +49,10 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MAX_FILENAME_BYTES = 255
 
 
-def fit(value: str, limit: int) -> str:
-    """`value` cut to at most `limit` UTF-8 bytes, on a character boundary."""
-    # folds into bridge.wire once it lands
-    raw = value.encode("utf-8", "replace")
-    return value if len(raw) <= limit else raw[:limit].decode("utf-8", "ignore")
-
-
 def safe_id(value: str, limit: int = MAX_ID_BYTES) -> str:
     """An id that fits `limit` bytes: `value` itself when it does, else its head and a hash of
     the whole (stable, so the same over-long id always maps to the same one)."""
-    # folds into bridge.wire once it lands
-    raw = value.encode("utf-8", "replace")
-    if len(raw) <= limit:
-        return value
-    return f"{fit(value, limit - 17)}~{hashlib.sha256(raw).hexdigest()[:16]}"
+    return wire.shortstr(value, limit=limit)
 
 
 def quoted(value: Any) -> str:
@@ -591,7 +580,7 @@ def result_message(result: Result) -> tuple[bytes, str, dict[str, Any]]:
             if key == "response":
                 value = orjson.dumps(value).decode() if value is not None else None
             if isinstance(value, str):
-                value = fit(value, MAX_HEADER_TEXT)
+                value = wire.cut(value, MAX_HEADER_TEXT)
             headers[key] = value
         headers["content_length"] = len(result.file)
         body, ctype = result.file, result.content_type or "application/octet-stream"

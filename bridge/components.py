@@ -10,11 +10,19 @@ responder's (validated) answer or the configured fallback:
     fallback-no-route     no queue is bound to the key: the broker returned the mandatory
                           publish, so the fallback goes out at once
     fallback-timeout      no answer before the deadline (a later answer is dropped and counted)
-    fallback-invalid      the answer is not valid for the component, or the responder failed
+    fallback-invalid      the answer is not valid for the component (or over
+                          `max_answer_bytes`, refused before it is parsed), or the responder
+                          failed
     fallback-unavailable  the broker connection is not usable
-    fallback-overload     `max_in_flight` requests are already waiting: the responders (or the
-                          bridge itself) cannot keep up, so shed load at once rather than let
-                          every caller queue until the deadline
+    fallback-overload     `max_in_flight` requests are already waiting: a memory guard far above
+                          what a healthy bridge holds (a waiting call costs a future and a dict
+                          entry), so hundreds of calls can wait on a healthy responder
+
+Everything from the request that reaches the wire (the routing key, the `app_name` and `call_id`
+headers, the audit event of `publish_as_event`) is bounded by `bridge.wire`, so no request can
+make the broker close the connection that every call and event share. An answer is checked
+within the deadline whatever the responder sends: its size before it is parsed, the SmartApi
+script's length and command count while it is parsed.
 
 The pure part (validation, fallback resolution, deadlines) comes first; `ComponentRpc` is the
 thin aio-pika adapter: one channel per process with publisher confirms (the only way aiormq
@@ -44,12 +52,12 @@ from aio_pika.abc import (
 from aiormq.exceptions import ChannelInvalidStateError
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from bridge import smartapi
+from bridge import smartapi, wire
 from bridge.amqp import Broker, Publisher, json_message
 from bridge.config import ComponentSettings, Settings
 from bridge.errors import BridgeError, ConfigError, WebhookError
 from bridge.topology import component_key, event_key, sanitise
-from bridge.translate import OutgoingEvent, call_id
+from bridge.translate import OutgoingEvent, call_id, checked
 
 log = structlog.get_logger("bridge.components")
 
@@ -77,9 +85,13 @@ ERROR_TYPE = "error"
 SEND_MARGIN_S = 0.003
 _REMEMBER_EXPIRED = 4096
 # Requests waiting for a responder at once, per process, before new ones get the fallback at
-# once. A healthy round trip takes a few ms, so 64 in flight means the pipeline is far behind;
-# raise it when responders are slow by design: it must exceed calls/s x responder seconds.
-DEFAULT_MAX_IN_FLIGHT = 64
+# once. A waiting call costs a future and a dict entry (well under a kilobyte), and every one
+# ends at its deadline, so the number in flight is at most calls/s x deadline: 2048 is 2560
+# calls per second at 800 ms, beyond any PBX. It is a memory guard, not a throttle.
+DEFAULT_MAX_IN_FLIGHT = 2048
+# Replies larger than this are refused before they are parsed. The largest valid answer (a
+# SmartApi script of 64 commands) is about 20 KB.
+DEFAULT_MAX_ANSWER_BYTES = 65536
 
 
 class InvalidAnswer(ValueError):
@@ -105,11 +117,22 @@ def _dialable(answer: dict[str, Any], key: str) -> str:
     return value
 
 
+# Characters the dialplan gives a meaning to where TrunkApi's trunk and IvrApi's case end up:
+# `&` joins dial targets, `${...}` expands a variable or a function, `|` is the old separator.
+DIALPLAN_UNSAFE = frozenset("&${}|")
+
+
 def _safe(answer: dict[str, Any], key: str) -> str:
+    """A text value of a TrunkApi / IvrApi answer: SmartApi's text rules (no quotes, separators,
+    look-alikes or control characters) and none of DIALPLAN_UNSAFE."""
     try:
-        return smartapi.check_text(_text(answer, key), repr(key))
+        value = smartapi.check_text(_text(answer, key), repr(key))
     except smartapi.SmartApiError as exc:
         raise InvalidAnswer(str(exc)) from None
+    bad = DIALPLAN_UNSAFE.intersection(value)
+    if bad:
+        raise InvalidAnswer(f"{key!r} must not contain {''.join(sorted(bad))!r}")
+    return value
 
 
 def validate_answer(component: str, answer: object) -> Answer:
@@ -172,9 +195,15 @@ def fallback_problems(settings: Settings) -> list[tuple[str, str]]:
 
 
 def decide(
-    component: str, reply_type: str | None, body: bytes
+    component: str,
+    reply_type: str | None,
+    body: bytes,
+    max_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
 ) -> tuple[Outcome, Answer | None, str]:
-    """Turn a responder's reply into (outcome, answer or None for the fallback, reason)."""
+    """Turn a responder's reply into (outcome, answer or None for the fallback, reason). A
+    reply over `max_bytes` is refused before anything is parsed."""
+    if len(body) > max_bytes:
+        return "fallback-invalid", None, f"the answer is over {max_bytes} bytes"
     if reply_type == ERROR_TYPE:
         return "fallback-invalid", None, "responder error: " + body[:200].decode(errors="replace")
     try:
@@ -217,16 +246,20 @@ def component_event(
     cid = call_id(fields)
     if cid is not None:
         headers["call_id"] = cid
-    return OutgoingEvent(
-        exchange=exchange,
-        routing_key=event_key(source, name),
-        body=orjson.dumps(fields),
-        message_id=message_id,
-        event=name,
-        source=source,
-        call_id=cid,
-        timestamp=received,
-        headers=headers,
+    # The body keeps every field as sent; a header over its budget is cut and listed in
+    # `truncated`, so the event can always be published (and never blocks the spool).
+    return checked(
+        OutgoingEvent(
+            exchange=exchange,
+            routing_key=event_key(source, name),
+            body=orjson.dumps(fields),
+            message_id=message_id,
+            event=name,
+            source=source,
+            call_id=cid,
+            timestamp=received,
+            headers=wire.bound_headers(headers, {"answer": wire.ANSWER_HEADER_MAX}),
+        )
     )
 
 
@@ -252,6 +285,12 @@ class ComponentMetrics:
             "Time from the request reaching the bridge to the answer being ready",
             ["component", "outcome"],
             buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.8, 1.0, 2.0),
+            registry=registry,
+        )
+        self.oversized = Counter(
+            "simotel_bridge_component_oversized_answers",
+            "Answers refused unparsed because they were over max_answer_bytes",
+            ["component"],
             registry=registry,
         )
         self.late = Counter(
@@ -389,7 +428,7 @@ class ComponentRpc:
             reason = f"{len(self._pending)} requests in flight"
         else:
             outcome, answer, reason = await self._ask(
-                cid, source, component, app_name, fields, wait_until
+                cid, source, component, app_name, fields, wait_until, ss.components
             )
         if answer is None:
             answer = resolve_fallback(ss.components, component, app_name)
@@ -397,7 +436,9 @@ class ComponentRpc:
         elapsed = loop.time() - started
         self.metrics.requests.labels(source, component, outcome).inc()
         self.metrics.latency.labels(component, outcome).observe(elapsed)
-        ctx = dict(source=source, component=component, app_name=app_name, outcome=outcome)
+        ctx = dict(
+            source=source, component=component, app_name=wire.for_log(app_name), outcome=outcome
+        )
         if outcome in ("answered", "fallback-overload"):  # the ingress logs every request
             log.debug("component answered", **ctx, ms=round(elapsed * 1000, 2))
         else:
@@ -418,6 +459,7 @@ class ComponentRpc:
         app_name: str,
         fields: dict[str, Any],
         wait_until: float,
+        cs: ComponentSettings,
     ) -> tuple[Outcome, Answer | None, str]:
         """Publish the request and wait for the reply until `wait_until` (loop time)."""
         loop = asyncio.get_running_loop()
@@ -441,11 +483,15 @@ class ComponentRpc:
                     timestamp=time.time(),
                     headers=self._headers(source, component, app_name, fields, left_ms),
                 )
-                await self._exchange.publish(
-                    message, component_key(source, component, app_name), mandatory=True
-                )
+                key = component_key(source, component, app_name)
+                wire.check(key, message.properties)
+                await self._exchange.publish(message, key, mandatory=True)
                 reply_type, body = await future
-            return decide(component, reply_type, body)
+            if len(body) > cs.max_answer_bytes:
+                self.metrics.oversized.labels(component).inc()
+            return decide(component, reply_type, body, cs.max_answer_bytes)
+        except wire.WireError as exc:  # bounded above: the last line, never expected
+            return "fallback-invalid", None, f"the request cannot be sent: {exc}"
         except aio_pika.exceptions.PublishError:
             return "fallback-no-route", None, "no responder bound"
         except TimeoutError:
@@ -476,7 +522,7 @@ class ComponentRpc:
         cid = call_id(fields)
         if cid:
             headers["call_id"] = cid
-        return headers
+        return wire.bound_headers(headers)
 
     async def _publish_event(
         self,

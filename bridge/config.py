@@ -229,9 +229,13 @@ class ComponentSettings(_Model):
     # Also publish each component request to the events exchange, for audit and analytics, as
     # `{source}.Component{Name}` (e.g. simotel.ComponentSmartApi: two levels, like events).
     publish_as_event: bool = False
-    # Requests waiting for a responder at once; beyond it the fallback is answered at once, so
-    # an overloaded bridge still answers every call inside Simotel's second.
-    max_in_flight: int = Field(64, ge=1, le=10_000)
+    # Requests waiting for a responder at once, per process; beyond it the fallback is answered
+    # at once. A memory guard, not a throttle: a waiting call costs almost nothing and ends at
+    # its deadline, so hundreds of calls can wait on a healthy responder.
+    max_in_flight: int = Field(2048, ge=1, le=100_000)
+    # Replies larger than this get the fallback without being parsed (a valid answer is about
+    # 20 KB at most).
+    max_answer_bytes: int = Field(65536, ge=1024, le=4 * 1024 * 1024)
 
     @field_validator("deadlines_ms", "fallbacks")
     @classmethod

@@ -7,6 +7,8 @@
     │   │                       connection gone)
     │   ├── Unroutable          a mandatory publish came back: no queue bound (amqp.py)
     │   └── SpoolFull           neither the broker nor the spool can take an event (spool.py)
+    ├── WireError               a routing key or properties over the wire budget (wire.py); also
+    │                           a ValueError, as aiormq's own refusal of a long shortstr is
     ├── CommandError            a command message is invalid (becomes a `rejected` result)
     ├── HistoryError            the history stream cannot be read: none (history off), no
     │                           permission, connection lost (history.py)
@@ -45,6 +47,11 @@ class WebhookError(BridgeError):
 
 class PublishError(BridgeError):
     """The broker did not confirm a publish (timeout, nack, unroutable, connection lost)."""
+
+
+class WireError(BridgeError, ValueError):
+    """A routing key or the properties of a message are over the wire budget (wire.py):
+    publishing it would be refused by aiormq or make the broker close the connection."""
 
 
 class CommandError(BridgeError):

@@ -26,7 +26,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from bridge import httpserver, translate
+from bridge import httpserver, translate, wire
 from bridge.config import Settings, SourceSettings
 from bridge.errors import PublishError, WebhookError
 from bridge.metrics import Metrics, event_label
@@ -248,7 +248,7 @@ def create_app(
         started = time.perf_counter()
         fields: dict[str, Any] = {
             "source": request.path_params["source"],
-            "path_event": request.path_params.get("event"),
+            "path_event": wire.for_log(request.path_params.get("event")),
         }
         outcome, status = "error", 500
         try:
@@ -299,7 +299,7 @@ def create_app(
             source, payload = await admit(request)
             if components is None:
                 raise WebhookError(404, "components_disabled", "components are not served here")
-            fields["app_name"] = payload.fields.get("app_name")
+            fields["app_name"] = wire.for_log(payload.fields.get("app_name"))
             fields["call_id"] = translate.call_id(payload.fields)
             answer = await components.handle(source, component, payload.fields, received_at=arrived)
             status = 200

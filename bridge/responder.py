@@ -43,9 +43,15 @@ from aio_pika.abc import (
     AbstractQueue,
 )
 
-from bridge import smartapi
-from bridge.components import COMPONENTS, ERROR_TYPE, Component, validate_answer
-from bridge.topology import sanitise
+from bridge import smartapi, wire
+from bridge.components import (
+    COMPONENTS,
+    ERROR_TYPE,
+    Component,
+    InvalidAnswer,
+    validate_answer,
+)
+from bridge.topology import component_key
 
 log = structlog.get_logger("bridge.responder")
 
@@ -103,6 +109,9 @@ class SmartApiAnswer:
     commands: Sequence[smartapi.Command]
     component: Component = field(default="SmartApi", init=False)
 
+    def __post_init__(self) -> None:
+        _check(self)
+
     def to_json(self) -> dict[str, str]:
         return {"ok": "1", "commands": smartapi.build(self.commands)}
 
@@ -111,6 +120,9 @@ class SmartApiAnswer:
 class ExtenApiAnswer:
     extension: str
     component: Component = field(default="ExtenApi", init=False)
+
+    def __post_init__(self) -> None:
+        _check(self)
 
     def to_json(self) -> dict[str, str]:
         return {"ok": "1", "extension": self.extension}
@@ -122,6 +134,9 @@ class TrunkApiAnswer:
     extension: str
     call_limit: int
     component: Component = field(default="TrunkApi", init=False)
+
+    def __post_init__(self) -> None:
+        _check(self)
 
     def to_json(self) -> dict[str, str]:
         return {
@@ -136,6 +151,9 @@ class TrunkApiAnswer:
 class IvrApiAnswer:
     case: str
     component: Component = field(default="IvrApi", init=False)
+
+    def __post_init__(self) -> None:
+        _check(self)
 
     def to_json(self) -> dict[str, str]:
         return {"ok": "1", "case": self.case}
@@ -152,6 +170,21 @@ class Fail:
 
 
 Answer = SmartApiAnswer | ExtenApiAnswer | TrunkApiAnswer | IvrApiAnswer | Fail
+
+
+def _check(answer: SmartApiAnswer | ExtenApiAnswer | TrunkApiAnswer | IvrApiAnswer) -> None:
+    """Builders refuse at once what the bridge would refuse (the bridge's own rules), so a
+    handler fails where the bad value is made, not later as a fallback."""
+    if isinstance(answer, TrunkApiAnswer) and (
+        isinstance(answer.call_limit, bool) or not isinstance(answer.call_limit, int)
+    ):
+        raise InvalidAnswer("TrunkApiAnswer: call_limit must be an int")
+    try:
+        validate_answer(answer.component, answer.to_json())
+    except InvalidAnswer as exc:
+        raise InvalidAnswer(f"{type(answer).__name__}: {exc}") from None
+
+
 Handler = Callable[[ComponentRequest], Awaitable[Answer]]
 
 
@@ -163,10 +196,13 @@ def encode_answer(component: str, answer: Answer) -> bytes:
 
 
 def binding_key(source: str, component: str, app_name: str) -> str:
-    """`*` is a wildcard for source and app_name; app_name is sanitised like the bridge does."""
+    """`*` is a wildcard for source and app_name; otherwise the key is the one the bridge
+    publishes to (`topology.component_key`: app_name sanitised, a long one cut and hashed)."""
     if component not in COMPONENTS:
         raise ValueError(f"component must be one of {', '.join(COMPONENTS)}")
-    return f"{source}.{component}.{app_name if app_name == '*' else sanitise(app_name)}"
+    if app_name == "*":
+        return f"{source}.{component}.*"
+    return component_key(source, component, app_name)
 
 
 class Responder:
@@ -203,7 +239,7 @@ class Responder:
         """Answer `component` requests of `app_name` (`*`: all) from `source` (`*`: any) with
         `handler`. Returns the queue name."""
         key = binding_key(source, component, app_name)
-        name = f"{self.queue_prefix}.{key.replace('*', 'any')}"
+        name = wire.shortstr(f"{self.queue_prefix}.{key.replace('*', 'any')}")
         channel = await self.connection.channel(publisher_confirms=False)
         self._channels.append(channel)
         await channel.set_qos(prefetch_count=self.prefetch)
@@ -245,7 +281,8 @@ class Responder:
             body = encode_answer(component, await handler(request))
         except Exception as exc:  # the top of this unit of work: tell the bridge at once
             log.exception("component handler failed", component=component)
-            reply_type, body = ERROR_TYPE, f"{type(exc).__name__}: {exc}".encode()
+            text, _ = wire.fit(f"{type(exc).__name__}: {exc}", 1000)
+            reply_type, body = ERROR_TYPE, text.encode()
         reply = aio_pika.Message(
             body,
             content_type="application/json",

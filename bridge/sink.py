@@ -39,6 +39,7 @@ import structlog
 from aiormq import spec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from bridge import wire
 from bridge.amqp import APP_ID, Publisher
 from bridge.config import Settings
 from bridge.errors import PublishError
@@ -565,13 +566,6 @@ class EventSink:
         self._disk.shutdown(wait=False)  # the close above was its last job
 
 
-def _fit(value: str, limit: int = 255) -> str:
-    """`value` cut to at most `limit` UTF-8 bytes (on a character boundary)."""
-    # folds into bridge.wire once it lands
-    raw = value.encode("utf-8", "replace")
-    return value if len(raw) <= limit else raw[:limit].decode("utf-8", "ignore")
-
-
 def dead_copy(q: Quarantined) -> tuple[str, bytes, spec.Basic.Properties]:
     """(routing key, body, properties) of a quarantined event's copy to the dead-letter
     exchange: its body as spooled, a `reason` header, and only what is sure to fit in a frame
@@ -579,14 +573,14 @@ def dead_copy(q: Quarantined) -> tuple[str, bytes, spec.Basic.Properties]:
     that does not decode, makes a copy."""
     body = q.body if isinstance(q.body, bytes) else str(q.body).encode("utf-8", "replace")
     headers: dict[str, Any] = {
-        "reason": _fit(q.reason),
+        "reason": wire.cut(q.reason, wire.SHORTSTR_MAX),
         "quarantine_id": q.seq,
         "quarantined_at": q.quarantined_at,
     }
     for name in ("exchange", "routing_key", "message_id", "event", "source", "call_id"):
         value = getattr(q, name)
         if isinstance(value, str):
-            headers[f"original_{name}"] = _fit(value)
+            headers[f"original_{name}"] = wire.cut(value, wire.SHORTSTR_MAX)
     own: Any = None
     if isinstance(q.headers, bytes) and len(q.headers) <= MAX_COPIED_HEADERS:
         try:
@@ -601,12 +595,16 @@ def dead_copy(q: Quarantined) -> tuple[str, bytes, spec.Basic.Properties]:
     else:
         headers["headers_dropped"] = True
     routing_key = q.routing_key if isinstance(q.routing_key, str) else ""
-    routing_key = routing_key if routing_key and _fit(routing_key) == routing_key else "quarantine"
+    routing_key = (
+        routing_key
+        if routing_key and wire.cut(routing_key, wire.SHORTSTR_MAX) == routing_key
+        else "quarantine"
+    )
     message_id = q.message_id if isinstance(q.message_id, str) else ""
     properties = spec.Basic.Properties(
         content_type="application/json",
         delivery_mode=2,
-        message_id=_fit(message_id, 200) or f"quarantine-{q.seq}",
+        message_id=wire.cut(message_id, 200) or f"quarantine-{q.seq}",
         message_type="quarantined-event",
         app_id=APP_ID,
         headers=headers,

@@ -13,6 +13,12 @@ it is parsed. None of the documented arguments (file names, `id:<hex>`, sound na
 extensions, times and dates) needs those characters, so nothing useful is lost, and a
 caller-supplied string can never turn into an extra command under any reading of the script.
 
+Look-alikes count as the real thing: a character whose compatibility form (NFKC) holds one of
+the refused characters (fullwidth `＇ ； （ ）`, the Greek question mark, ...), any non-ASCII
+quote or bracket (categories Pi, Pf, Ps, Pe), and the other commas, semicolons and apostrophes
+of `CONFUSABLES` (Arabic `، ؛`, `ʼ`, `′`, ...) are refused too. Digits are ASCII digits only
+(`int()` would read Arabic-Indic ones), and a file or sound name may hold neither `/` nor `..`.
+
 Every command renders canonically (`Name(arg, ...)`, text in single quotes, integers bare,
 commands joined with `;`), and `parse(render(cmds)) == cmds` for every script `build` accepts.
 """
@@ -30,14 +36,27 @@ CALENDARS: tuple[Calendar, ...] = ("gregorian", "jalali", "hijri")
 
 MAX_TEXT = 256
 MAX_COMMANDS = 64
+# The longest script parsed: 64 commands of the longest kind fit with room to spare. A longer
+# one is refused before parsing starts, so a parse never holds the event loop for long.
+MAX_SCRIPT = 32 * 1024
 # Characters refused in text arguments (see the module docstring); control and format
-# characters (Unicode categories C*, Zl, Zp) are refused as well.
+# characters and separators other than the ASCII space (Unicode categories C*, Z*) are refused
+# as well.
 FORBIDDEN = frozenset("'\"`\\;,()\u2018\u2019\u201c\u201d")
+# Look-alikes of quotes and separators that NFKC does not map to one, and that are not in the
+# quote and bracket categories (refused as a whole): commas, semicolons, apostrophes, primes.
+CONFUSABLES = frozenset(
+    "\u060c\u061b\u066b\u066c\u3001\u02bb\u02bc\u02bd\u02b9\u02ba\u02c8\u02ca\u02cb"
+    "\u00b4\u2032\u2033\u2035\u2036\u05f3\u05f4\ua78c\u2e32\u2e34\u2e41\u204f\ua4f9"
+    "\ua4fc\u037e\u0387\u201a\u201b\u201e\u201f\u2039\u203a\u00ab\u00bb\uff40"
+)
+_REFUSED_CATEGORIES = frozenset(("Pi", "Pf", "Ps", "Pe"))
 # What a dialled number / extension may hold: it ends up in the dialplan.
 DIALABLE = re.compile(r"[A-Za-z0-9*#+_-]{1,64}")
-_DURATION = re.compile(r"(\d{1,5}\.)?\d{1,2}:\d{2}:\d{2}")
-_CLOCK = re.compile(r"\d{1,2}:\d{2}(:\d{2})?")
-_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+# re.ASCII: `\d` must not match Arabic-Indic or other non-ASCII digits.
+_DURATION = re.compile(r"(\d{1,5}\.)?\d{1,2}:\d{2}:\d{2}", re.ASCII)
+_CLOCK = re.compile(r"\d{1,2}:\d{2}(:\d{2})?", re.ASCII)
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}", re.ASCII)
 _MAX_INT = 10**12
 
 
@@ -57,11 +76,44 @@ def check_text(value: object, what: str = "argument") -> str:
         raise SmartApiError(f"{what} must be 1 to {MAX_TEXT} characters")
     if value != value.strip():
         raise UnsafeArgument(f"{what} must not start or end with white space")
-    for ch in value:
-        cat = unicodedata.category(ch)
-        if ch in FORBIDDEN or cat[0] == "C" or cat in ("Zl", "Zp"):
-            raise UnsafeArgument(f"{what} must not contain {ch!r}")
+    # Whole-string checks run at C speed (a parse must never hold the event loop); the slow
+    # per-character walk only runs to name the character of a value already known to be bad.
+    ok = value.isprintable() and FORBIDDEN.isdisjoint(value)
+    if ok and not value.isascii():
+        ok = CONFUSABLES.isdisjoint(value) and FORBIDDEN.isdisjoint(
+            unicodedata.normalize("NFKC", value)
+        )
+        ok = ok and not any(
+            unicodedata.category(ch) in _REFUSED_CATEGORIES for ch in set(value) if ch > "~"
+        )
+    if not ok:
+        bad = next((ch for ch in value if unsafe_char(ch)), value)
+        raise UnsafeArgument(f"{what} must not contain {bad!r}")
     return value
+
+
+def unsafe_char(ch: str) -> bool:
+    """Whether `ch` is refused in a text argument: a refused character, a control or format
+    character, a Unicode quote or bracket, or a look-alike of a refused character."""
+    if ch in FORBIDDEN or ch in CONFUSABLES:
+        return True
+    cat = unicodedata.category(ch)
+    if cat[0] == "C" or (cat[0] == "Z" and ch != " "):
+        return True
+    if ch.isascii():
+        return False
+    return cat in _REFUSED_CATEGORIES or any(
+        c in FORBIDDEN for c in unicodedata.normalize("NFKC", ch)
+    )
+
+
+def check_name(value: object, what: str) -> str:
+    """A file or sound name: a text argument without `/`, `\\` or `..`, so it cannot leave the
+    directory Simotel reads it from."""
+    text = check_text(value, what)
+    if "/" in text or ".." in text:
+        raise UnsafeArgument(f"{what} must not contain '/' or '..'")
+    return text
 
 
 def check_int(value: object, what: str, minimum: int = 0) -> int:
@@ -116,7 +168,7 @@ class PlayAnnouncement(Command):
     ARGS = ("text",)
 
     def check(self) -> None:
-        check_text(self.file, "PlayAnnouncement file")
+        check_name(self.file, "PlayAnnouncement file")
 
 
 @dataclass(frozen=True)
@@ -128,7 +180,7 @@ class Playback(Command):
     ARGS = ("text",)
 
     def check(self) -> None:
-        check_text(self.name, "Playback name")
+        check_name(self.name, "Playback name")
 
 
 @dataclass(frozen=True)
@@ -201,7 +253,7 @@ class GetData(Command):
     ARGS = ("text", "int", "int")
 
     def check(self) -> None:
-        check_text(self.file, "GetData file")
+        check_name(self.file, "GetData file")
         check_int(self.timeout, "GetData timeout")
         check_int(self.max_digits, "GetData max_digits", minimum=1)
 
@@ -214,7 +266,7 @@ class MusicOnHold(Command):
     ARGS = ("text", "int")
 
     def check(self) -> None:
-        check_text(self.moh_class, "MusicOnHold class")
+        check_name(self.moh_class, "MusicOnHold class")
         check_int(self.seconds, "MusicOnHold seconds", minimum=1)
 
 
@@ -364,10 +416,14 @@ def parse(script: str) -> list[Command]:
     allowed; `ClearUserData` may be written without parentheses. Raises SmartApiError."""
     if not isinstance(script, str):
         raise SmartApiError("commands must be a string")
+    if len(script) > MAX_SCRIPT:
+        raise SmartApiError(f"a script is {MAX_SCRIPT} characters at most")
     r = _Reader(script)
     out: list[Command] = []
     r.skip_ws()
     while r.pos < len(script):
+        if len(out) == MAX_COMMANDS:  # counted while parsing, not after
+            raise SmartApiError(f"a script holds at most {MAX_COMMANDS} commands")
         name = r.name()
         cls = COMMANDS.get(name)
         if cls is None:

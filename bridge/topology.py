@@ -19,6 +19,7 @@ import aio_pika
 import aio_pika.exceptions
 from aio_pika.abc import AbstractChannel
 
+from bridge import wire
 from bridge.config import AmqpSettings, HistorySettings, SourceSettings
 from bridge.errors import ConfigError
 from bridge.history import HISTORY_STREAM
@@ -37,8 +38,10 @@ def event_key(source: str, event: str) -> str:
 
 
 def component_key(source: str, component: str, app_name: str | None) -> str:
-    """`app_name` is sanitised and cut to 128 characters: a routing key is 255 bytes at most."""
-    return f"{source}.{component}.{sanitise(app_name or '')[:128]}"
+    """`app_name` becomes one routing-key word (`wire.key_word`: sanitised, at most 128
+    characters, a longer one cut and ended with a hash of the whole). The bridge publishes and
+    the responders bind with this same function, so they always agree."""
+    return f"{source}.{component}.{wire.key_word(app_name or '')}"
 
 
 def command_key(source: str, action: str) -> str:

@@ -19,8 +19,9 @@ import aio_pika
 import orjson
 from aiormq import spec
 
+from bridge import wire
 from bridge.amqp import APP_ID, json_message
-from bridge.errors import WebhookError
+from bridge.errors import WebhookError, WireError
 from bridge.topology import event_key, sanitise
 
 # Every event name Simotel documents (webhooks.md §3), in the catalog's spelling. Names are
@@ -92,9 +93,22 @@ class Payload:
     raw: bytes | None = None
 
 
+# Fields of one form or query string. Simotel sends a few dozen; reading a flood of tens of
+# thousands would hold the event loop (for every other webhook) for a second or more.
+MAX_FIELDS = 1000
+
+
+def _pairs(text: str) -> list[tuple[str, str]]:
+    """Form/query pairs, refusing a flood before reading it (WebhookError 400)."""
+    if text.count("&") >= MAX_FIELDS:
+        raise WebhookError(400, "too_many_fields", f"{MAX_FIELDS} fields at most")
+    return parse_qsl(text, keep_blank_values=True, strict_parsing=True)
+
+
 def parse_payload(content_type: str, body: bytes, query_string: str) -> Payload:
     """Read a webhook's fields from its body (JSON or form) or, when the body is empty, from
-    its query string. Raises WebhookError(400) for anything unreadable or empty."""
+    its query string. Raises WebhookError(400) for anything unreadable, empty or a flood of
+    more than MAX_FIELDS fields."""
     ctype = content_type.split(";", 1)[0].strip().lower()
     stripped = body.strip()
     if stripped:
@@ -103,7 +117,7 @@ def parse_payload(content_type: str, body: bytes, query_string: str) -> Payload:
         ):
             try:
                 text = body.decode("utf-8")
-                pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=True)
+                pairs = _pairs(text)
             except (UnicodeDecodeError, ValueError) as exc:
                 raise WebhookError(400, "invalid_form", "the form body cannot be read") from exc
             fields = _pairs_to_dict(pairs)
@@ -121,7 +135,7 @@ def parse_payload(content_type: str, body: bytes, query_string: str) -> Payload:
             fields, form, raw = parsed, "json", body
     elif query_string:
         try:
-            pairs = parse_qsl(query_string, keep_blank_values=True, strict_parsing=True)
+            pairs = _pairs(query_string)
         except ValueError as exc:
             raise WebhookError(400, "invalid_query", "the query string cannot be read") from exc
         fields, form, raw = _pairs_to_dict(pairs), "query", None
@@ -133,7 +147,8 @@ def parse_payload(content_type: str, body: bytes, query_string: str) -> Payload:
 
 
 # Routing keys are at most 255 bytes (source names at most 32), and AMQP headers must fit one
-# frame: longer names and call ids are not Simotel's, and would block the spool's head.
+# frame: longer names and call ids are not Simotel's, and would block the spool's head. The wire
+# budget (bridge.wire) bounds every header and checks every event before it is accepted.
 MAX_EVENT_NAME = 200
 MAX_CALL_ID = 128
 
@@ -182,7 +197,7 @@ class OutgoingEvent:
     source: str
     call_id: str | None
     timestamp: float
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, Any] = field(default_factory=dict)
 
     def to_message(self) -> aio_pika.Message:
         return json_message(
@@ -216,7 +231,8 @@ def build_event(
     message_id: str | None = None,
 ) -> OutgoingEvent:
     """The publish for one event webhook: routing key `{source}.{EventName}`, the body as sent,
-    and the properties and headers of CONTRACT §4."""
+    and the properties and headers of CONTRACT §4, inside the wire budget (`bridge.wire`):
+    raises WebhookError(400) for an event that could not be published."""
     received = time.time() if now is None else now
     cid = call_id(payload.fields)
     headers = {
@@ -227,14 +243,26 @@ def build_event(
     if cid is not None:
         headers["call_id"] = cid
     body = payload.raw if payload.raw is not None else orjson.dumps(payload.fields)
-    return OutgoingEvent(
-        exchange=exchange,
-        routing_key=event_key(source, name),
-        body=body,
-        message_id=message_id or str(uuid.uuid4()),
-        event=name,
-        source=source,
-        call_id=cid,
-        timestamp=received,
-        headers=headers,
+    return checked(
+        OutgoingEvent(
+            exchange=exchange,
+            routing_key=event_key(source, name),
+            body=body,
+            message_id=message_id or str(uuid.uuid4()),
+            event=name,
+            source=source,
+            call_id=cid,
+            timestamp=received,
+            headers=wire.bound_headers(headers),
+        )
     )
+
+
+def checked(event: OutgoingEvent) -> OutgoingEvent:
+    """`event` if the broker can take it (bridge.wire); else WebhookError(400), so that an
+    event that could never be published is neither answered 200 nor spooled."""
+    try:
+        wire.check(event.routing_key, event.properties())
+    except WireError as exc:
+        raise WebhookError(400, "over_wire_budget", str(exc)) from None
+    return event

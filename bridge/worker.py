@@ -50,6 +50,7 @@ from aio_pika.abc import (
 )
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from bridge import wire
 from bridge.amqp import Broker, Publisher, Unroutable, close_quietly, json_message
 from bridge.commands import (
     MAX_HEADER_TEXT,
@@ -62,7 +63,6 @@ from bridge.commands import (
     copied_headers,
     delivery_count,
     describe_invalid,
-    fit,
     is_expired,
     is_last_delivery,
     make_delivery_limit,
@@ -611,7 +611,7 @@ def safe_result(result: Result, why: str) -> Result:
         response=None,
         file=None,
         content_type=None,
-        error=fit(f"the result could not be published, its response is left out: {why}", 500),
+        error=wire.cut(f"the result could not be published, its response is left out: {why}", 500),
         reason=UNPUBLISHABLE,
     )
 
@@ -650,7 +650,7 @@ def dead_letter(env: Envelope, result: Result) -> aio_pika.Message:
         **copied_headers(env.headers),
         "reason": result.reason or result.status,
         "status": result.status,
-        "error": None if result.error is None else fit(result.error, MAX_HEADER_TEXT),
+        "error": None if result.error is None else wire.cut(result.error, MAX_HEADER_TEXT),
         "command_id": result.command_id,
         "source": result.source,
         "action": result.action,

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bridge import wire
 from bridge.catalog import CATALOG, lookup
 from bridge.commands import (
     Envelope,
@@ -24,7 +25,6 @@ from bridge.commands import (
     copied_headers,
     delivery_count,
     describe_invalid,
-    fit,
     interpret,
     is_last_delivery,
     make_delivery_limit,
@@ -215,7 +215,7 @@ def test_safe_id_and_fit() -> None:
     cut = safe_id(long)
     assert len(cut.encode()) <= 200 and cut == safe_id(long) and cut != safe_id(long + "x")
     assert len(f"{cut}:dead".encode()) <= 255
-    assert fit("é" * 10, 5) == "éé"
+    assert wire.cut("é" * 10, 5) == "éé"
 
 
 def test_hostile_values_are_quoted_short_in_errors() -> None:

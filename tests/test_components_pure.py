@@ -190,8 +190,40 @@ def test_typed_answers_encode_to_the_documented_json() -> None:
 def test_a_typed_answer_for_another_component_or_invalid_is_refused() -> None:
     with pytest.raises(ValueError, match="cannot answer"):
         encode_answer("IvrApi", ExtenApiAnswer("120"))
+    with pytest.raises(InvalidAnswer):  # refused by the builder itself
+        ExtenApiAnswer("120,SIP/evil")
+
+
+@pytest.mark.parametrize("bad", ["a&b", "${SHELL}", "x|y", "{x}", "a$b", "a\uff07b", "a\u061bb"])
+def test_trunk_and_case_values_refuse_dialplan_characters(bad: str) -> None:
     with pytest.raises(InvalidAnswer):
-        encode_answer("ExtenApi", ExtenApiAnswer("120,SIP/evil"))
+        validate_answer("TrunkApi", {"ok": "1", "trunk": bad, "extension": "1", "call_limit": "9"})
+    with pytest.raises(InvalidAnswer):
+        validate_answer("IvrApi", {"ok": "1", "case": bad})
+    with pytest.raises(InvalidAnswer):
+        TrunkApiAnswer(bad, "100", 60)
+    with pytest.raises(InvalidAnswer):
+        IvrApiAnswer(bad)
+    assert validate_answer("IvrApi", {"ok": "1", "case": "sales-2"})["case"] == "sales-2"
+
+
+@pytest.mark.parametrize("limit", ["\u0661\u0662", "\u00b2", "1e3", True])
+def test_call_limit_is_ascii_digits(limit: object) -> None:
+    answer = {"ok": "1", "trunk": "t", "extension": "1", "call_limit": limit}
+    with pytest.raises(InvalidAnswer):
+        validate_answer("TrunkApi", answer)
+    with pytest.raises(InvalidAnswer):
+        TrunkApiAnswer("t", "1", limit)  # type: ignore[arg-type]
+
+
+def test_a_reply_over_the_cap_is_refused_before_parsing() -> None:
+    big = b'{"ok": "1", "case": "' + b"x" * 70_000 + b'"}'
+    assert decide("IvrApi", None, big)[0:2] == ("fallback-invalid", None)
+    assert "over 65536 bytes" in decide("IvrApi", None, big)[2]
+    assert decide("IvrApi", None, b"\xff" * 70_000, max_bytes=1024)[2].startswith(
+        "the answer is over"
+    )
+    assert decide("IvrApi", None, b'{"ok": "1", "case": "7"}')[0] == "answered"
 
 
 def test_binding_keys() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from typing import Any
 
 import pytest
@@ -29,6 +30,7 @@ from bridge.smartapi import (
     SmartApiError,
     UnsafeArgument,
     build,
+    check_text,
     parse,
 )
 from tests.conftest import FIXTURES
@@ -164,14 +166,89 @@ def test_a_script_is_bounded() -> None:
         build([Playback("beep")] * smartapi.MAX_COMMANDS + [Exit("a")])
 
 
+def test_commands_are_counted_while_parsing() -> None:
+    """The 65th command is refused when it is reached, not after the whole script is read:
+    everything after it is never looked at."""
+    script = "Playback('beep');" * smartapi.MAX_COMMANDS + "Nonsense(" + "x" * 1000
+    with pytest.raises(SmartApiError, match="at most 64 commands"):
+        parse(script)
+    with pytest.raises(SmartApiError, match="characters at most"):
+        parse("Playback('beep');" * 5000 + "Exit('a')")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a\uff07b",  # fullwidth apostrophe
+        "a\uff1bb",  # fullwidth semicolon
+        "\uff08x\uff09",  # fullwidth parentheses
+        "a\uff0cb",  # fullwidth comma
+        "a\u037eb",  # Greek question mark (NFKC: ;)
+        "a\ufe54b",  # small semicolon
+        "a\u060cb",  # Arabic comma
+        "a\u061bb",  # Arabic semicolon
+        "a\u02bcb",  # modifier letter apostrophe
+        "a\u2032b",  # prime
+        "a\u00abb\u00bb",  # guillemets
+        "\u207dx\u207e",  # superscript parentheses
+        "\u2768x\u2769",  # ornamental parentheses
+        "a\u201ab",  # low single quote
+    ],
+)
+def test_look_alike_quotes_and_separators_are_refused(text: str) -> None:
+    with pytest.raises(UnsafeArgument):
+        check_text(text)
+    with pytest.raises(SmartApiError):
+        parse(f"PlayAnnouncement('{text}');Exit('a')")
+    with pytest.raises(SmartApiError):
+        Exit(text)
+
+
+@pytest.mark.parametrize(
+    ("cls", "value"),
+    [
+        (SayClock, "\u0661\u0662:\u0663\u0664"),  # Arabic-Indic digits
+        (SayDate, "\u06f1\u06f4\u06f0\u06f2-01-01"),  # Persian digits
+        (SayDuration, "1.\u0661\u0662:00:00"),
+        (SayDigit, "\u0661\u0662"),
+    ],
+)
+def test_non_ascii_digits_are_refused_where_digits_are_expected(
+    cls: type[Command], value: str
+) -> None:
+    with pytest.raises(SmartApiError):
+        cls(value)  # type: ignore[call-arg]
+    with pytest.raises(SmartApiError):
+        parse("SayNumber(\u0661\u0662);Exit('a')")
+
+
+@pytest.mark.parametrize("name", ["../etc/passwd", "custom/welcome", "a..b", "..", "x/"])
+def test_file_names_cannot_leave_their_directory(name: str) -> None:
+    for make in (
+        lambda: PlayAnnouncement(name),
+        lambda: Playback(name),
+        lambda: GetData(name, 5, 4),
+        lambda: MusicOnHold(name, 10),
+    ):
+        with pytest.raises(UnsafeArgument):
+            make()
+    with pytest.raises(SmartApiError):
+        parse(f"PlayAnnouncement('{name}');Exit('a')")
+    assert PlayAnnouncement("id:3fa2").file == "id:3fa2"
+    assert Exit("go.b").case == "go.b"
+
+
 # --- properties -----------------------------------------------------------------------------
 
 # Text that is valid by construction: printable, no forbidden character, no outer spaces.
 safe_text = st.text(
-    st.characters(exclude_categories=("C", "Zl", "Zp"), exclude_characters=smartapi.FORBIDDEN),
+    st.characters(
+        exclude_categories=("C", "Zl", "Zp", "Zs", "Pi", "Pf", "Ps", "Pe"),
+        exclude_characters=smartapi.FORBIDDEN | smartapi.CONFUSABLES | {"/"},
+    ).filter(lambda c: not smartapi.unsafe_char(c)),
     min_size=1,
     max_size=40,
-).filter(lambda s: s == s.strip())
+).filter(lambda s: s == s.strip() and ".." not in s)
 small = st.integers(min_value=0, max_value=10**6)
 dialable = st.from_regex(smartapi.DIALABLE, fullmatch=True)
 
@@ -202,6 +279,16 @@ scripts = st.builds(
 @given(scripts)
 def test_build_then_parse_round_trips(cmds: list[Command]) -> None:
     assert parse(build(cmds)) == cmds
+
+
+@given(st.text(max_size=40))
+def test_accepted_text_holds_no_refused_character_in_any_compatibility_form(text: str) -> None:
+    try:
+        check_text(text)
+    except SmartApiError:
+        return
+    for form in ("NFKC", "NFKD", "NFC"):
+        assert not smartapi.FORBIDDEN.intersection(unicodedata.normalize(form, text))
 
 
 TEXT_COMMANDS = [PlayAnnouncement, Playback, SetExten, Exit]

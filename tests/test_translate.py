@@ -179,3 +179,13 @@ def test_names_and_call_ids_that_could_not_travel_are_kept_out() -> None:
     assert translate.call_id({"unique_id": "1" * 129, "cuid": "2.2"}) == "2.2"
     assert translate.call_id({"unique_id": "1" * 300_000}) is None
     assert translate.call_id({"unique_id": "1" * 128}) == "1" * 128
+
+
+def test_a_flood_of_fields_is_refused_before_it_is_read() -> None:
+    flood = "a=1&" * translate.MAX_FIELDS + "event_name=Cdr"
+    for body, query in ((flood.encode(), ""), (b"", flood)):
+        with pytest.raises(WebhookError) as exc:
+            translate.parse_payload("application/x-www-form-urlencoded", body, query)
+        assert (exc.value.status, exc.value.reason) == (400, "too_many_fields")
+    ok = "a=1&" * (translate.MAX_FIELDS - 2) + "event_name=Cdr"
+    assert len(translate.parse_payload("", b"", ok).fields["a"]) == translate.MAX_FIELDS - 2

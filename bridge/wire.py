@@ -1,0 +1,188 @@
+"""One budget for everything that reaches the wire: the limits of AMQP 0-9-1 as the bridge uses
+them, and the functions that keep input inside them. Pure, no I/O.
+
+Why it matters. A routing key, `message_id`, `correlation_id`, `type`, `app_id` or a header name
+is a *shortstr*: 255 bytes of UTF-8 at most (aiormq refuses a longer one before sending). Header
+values have no such limit, but every property and header travels in one content-header frame,
+and a frame larger than the negotiated `frame_max` (131072 bytes by default on RabbitMQ) makes the
+broker close the WHOLE CONNECTION, cutting every other request that shares it. So every value
+that comes from input and reaches a property or a header goes through this module:
+
+    shortstr(value, suffix)   an id or a key word, cut to fit 255 bytes with its suffix; a cut
+                              value ends with a hash of the whole, so distinct inputs stay
+                              distinct and the same input always gives the same result
+    key_word(word)            a routing-key word taken from input (`app_name`): sanitised and cut
+                              the same way by the bridge and by the responders that bind to it
+    bound_headers(headers)    header values cut to HEADER_VALUE_MAX bytes (ANSWER_HEADER_MAX for
+                              `answer`); the names of cut values are listed in `truncated`
+    check(routing_key, props) the last line before a publish: raises WireError if the routing
+                              key or the whole content header is over the budget
+    for_log(value)            a value from input cut for a log line
+
+A value is always cut at a UTF-8 character boundary, never in the middle of a character.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from pamqp.commands import Basic
+from pamqp.header import ContentHeader
+
+from bridge.errors import WireError
+
+SHORTSTR_MAX = 255
+# One header value taken from input (app_name, call_id, ...). Generous for anything Simotel
+# sends; a few of them stay far below the frame budget.
+HEADER_VALUE_MAX = 1024
+# The `answer` header of component events: the JSON sent to Simotel (a long SmartApi script).
+ANSWER_HEADER_MAX = 8192
+# The whole content-header frame (properties and headers). RabbitMQ's frame_max is 131072 by
+# default (the AMQP minimum is 4096, only reached if a broker is configured so): a quarter of
+# the default leaves room for the frame's own overhead and for anything added later.
+FRAME_BUDGET = 32 * 1024
+# A routing-key word from input: the source (at most 32), the component and the dots leave
+# more than enough room under 255 bytes.
+KEY_WORD_MAX = 128
+# The header that lists the names of the values that were cut.
+TRUNCATED = "truncated"
+
+_HASH_CHARS = 16
+_UNSAFE = re.compile(r"[^A-Za-z0-9_]")
+
+__all__ = ["WireError"]  # re-exported: callers catch it from here
+
+
+def utf8_len(value: str) -> int:
+    return len(value.encode("utf-8", "replace"))
+
+
+def fit(value: str, limit: int) -> tuple[str, bool]:
+    """`value` cut to at most `limit` bytes of UTF-8, at a character boundary, and whether it
+    was changed. Characters that cannot be encoded (lone surrogates) count as changed and are
+    replaced by `?`."""
+    data = value.encode("utf-8", "replace")
+    if len(data) <= limit:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return data.decode("utf-8"), True
+        return value, False
+    return data[:limit].decode("utf-8", "ignore"), True
+
+
+def cut(value: str, limit: int) -> str:
+    """`value` cut to at most `limit` bytes of UTF-8, at a character boundary (`fit` without
+    the flag)."""
+    return fit(value, limit)[0]
+
+
+# A value from input written to a log line: enough to recognise it.
+LOG_VALUE_MAX = 256
+
+
+def for_log(value: object, limit: int = LOG_VALUE_MAX) -> object:
+    """A value from input as it may appear in a log line: text cut to `limit` bytes (with a
+    note of the full length); other values unchanged."""
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if not isinstance(value, str):
+        value = repr(value)
+    text, cut = fit(value, limit)
+    return f"{text}...({len(value)} chars)" if cut else text
+
+
+def _digest(value: str) -> str:
+    return hashlib.sha256(value.encode("utf-8", "replace")).hexdigest()[:_HASH_CHARS]
+
+
+def shortstr(value: str, suffix: str = "", *, limit: int = SHORTSTR_MAX, sep: str = "~") -> str:
+    """`value + suffix` as a shortstr. Unchanged when it fits; otherwise `value` is cut and
+    ends with `sep` and 16 hex characters of its SHA-256, so that two different long values
+    never share a result and the same value always gets the same one (ids stay usable for
+    de-duplication). E.g. a dead letter's id: `shortstr(message_id, ":dead")`.
+    `suffix` is ours and must fit in `limit` with room for the hash."""
+    room = limit - utf8_len(suffix)
+    if room < _HASH_CHARS + len(sep):
+        raise ValueError(f"the suffix {suffix!r} leaves no room under {limit} bytes")
+    text, cut = fit(value, room)
+    if not cut:
+        return text + suffix
+    head, _ = fit(value, room - _HASH_CHARS - len(sep))
+    return f"{head}{sep}{_digest(value)}{suffix}"
+
+
+def key_word(word: str, limit: int = KEY_WORD_MAX) -> str:
+    """A routing-key word taken from input: restricted to `[A-Za-z0-9_]` (so it can never add
+    a level or a wildcard; empty becomes `_`) and at most `limit` characters, a longer one
+    ending with `_` and a hash of the whole. The bridge publishes with it and the responders
+    bind with it, so both always agree."""
+    clean = _UNSAFE.sub("_", word) or "_"
+    if len(clean) <= limit:
+        return clean
+    return shortstr(clean, limit=limit, sep="_")
+
+
+def bound_headers(
+    headers: Mapping[str, Any], limits: Mapping[str, int] | None = None
+) -> dict[str, Any]:
+    """The headers with every text value cut to its limit (`limits[name]`, else
+    HEADER_VALUE_MAX bytes) and every name to a shortstr. If anything was cut, the header
+    `truncated` lists the names, so a consumer knows the full value is in the body."""
+    out: dict[str, Any] = {}
+    cut: list[str] = []
+    for name, value in headers.items():
+        key, key_cut = fit(name, SHORTSTR_MAX)
+        if isinstance(value, str):
+            value, value_cut = fit(value, (limits or {}).get(name, HEADER_VALUE_MAX))
+            if value_cut:
+                cut.append(key)
+        if key_cut and key not in cut:
+            cut.append(key)
+        out[key] = value
+    if cut:
+        out[TRUNCATED] = cut
+    return out
+
+
+def header_frame_size(properties: Basic.Properties, body_size: int = 0) -> int:
+    """The size in bytes of the content-header frame these properties make (the frame's
+    header and end octet included)."""
+    return len(ContentHeader(0, body_size, properties).marshal()) + 8
+
+
+def _estimate(value: Any) -> int:
+    """An upper bound of the encoded size of one field-table value (no encoding done)."""
+    if isinstance(value, str | bytes):
+        return 5 + (utf8_len(value) if isinstance(value, str) else len(value))
+    if isinstance(value, Mapping):
+        return 5 + sum(1 + utf8_len(str(k)) + _estimate(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return 5 + sum(_estimate(v) for v in value)
+    return 9 + (len(str(value)) if not isinstance(value, bool | int | float) else 0)
+
+
+def check(routing_key: str, properties: Basic.Properties) -> None:
+    """Raise WireError unless a message with these can be published safely. Cheap for the
+    usual message (an upper bound of the size is computed first); only a message near the
+    budget is encoded to measure it exactly."""
+    if utf8_len(routing_key) > SHORTSTR_MAX:
+        raise WireError(f"the routing key is over {SHORTSTR_MAX} bytes")
+    for name in ("message_id", "correlation_id", "message_type", "app_id", "reply_to", "user_id"):
+        value = getattr(properties, name, None)
+        if isinstance(value, str) and utf8_len(value) > SHORTSTR_MAX:
+            raise WireError(f"the property {name} is over {SHORTSTR_MAX} bytes")
+    for key in properties.headers or {}:
+        if utf8_len(key) > SHORTSTR_MAX:
+            raise WireError(f"a header name is over {SHORTSTR_MAX} bytes")
+    if 14 * 256 + _estimate(properties.headers or {}) <= FRAME_BUDGET:
+        return
+    try:
+        size = header_frame_size(properties)
+    except (ValueError, TypeError, UnicodeError) as exc:
+        raise WireError(f"the properties cannot be encoded: {type(exc).__name__}") from None
+    if size > FRAME_BUDGET:
+        raise WireError(f"the properties take {size} bytes, over the budget of {FRAME_BUDGET}")
