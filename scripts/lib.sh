@@ -25,9 +25,9 @@ apt_install() {
   local started=$SECONDS
   say "installing $what (Debian packages: $*; usually $usual; log: $SETUP_LOGS/apt.log)"
   if [ -z "${_APT_UPDATED:-}" ]; then
-    quietly apt.log as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    quietly apt.log as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q || return 1
     _APT_UPDATED=1
   fi
-  quietly apt.log as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@"
+  quietly apt.log as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" || return 1
   say "installed $what in $((SECONDS - started))s"
 }
