@@ -537,6 +537,27 @@ def exposed_names(text: str) -> set[str]:
     return names
 
 
+def sampled_names(text: str) -> set[str]:
+    """The names that have at least one sample in /metrics (a series PromQL can select)."""
+    return {_WORD.match(line).group() for line in text.splitlines() if line and line[0] != "#"}  # type: ignore[union-attr]
+
+
+# Series an alert reads as "zero so far" or compares against: they must be in /metrics from the
+# start, with a value, or the alert cannot fire (an absent series matches nothing).
+SAMPLED_FROM_START = {
+    "simotel_bridge_reconcile_recovered_total",
+    "simotel_bridge_reconcile_errors_total",
+    "simotel_bridge_reconcile_active",
+    "simotel_bridge_reconcile_cursor_lag_seconds",
+    "simotel_bridge_reconcile_last_success_timestamp_seconds",
+    "simotel_bridge_history_oldest_event_age_seconds",
+    "simotel_bridge_history_events",
+    "simotel_bridge_spool_quarantine_depth",
+    "simotel_bridge_unrouted_depth",
+    "simotel_bridge_unrouted_full",
+}
+
+
 def test_promql_is_valid_and_its_names_are_found() -> None:
     expr = (
         'sum by (le, kind) (rate(a_bucket{x="b c", y=~"$job"}[$__rate_interval]))'
@@ -549,6 +570,8 @@ def test_promql_is_valid_and_its_names_are_found() -> None:
         n for e in dashboard_expressions() + alert_expressions() for n in promql_metric_names(e)
     }
     assert used and all(n.startswith("simotel_bridge_") for n in used), used
+    on_dashboard = {n for e in dashboard_expressions() for n in promql_metric_names(e)}
+    assert on_dashboard >= SAMPLED_FROM_START, SAMPLED_FROM_START - on_dashboard
 
 
 @pytest.mark.broker
@@ -567,6 +590,13 @@ async def test_every_metric_of_the_dashboard_and_alerts_is_exposed(
         SIMOTEL_BRIDGE__HTTP__HOST="127.0.0.1",
         SIMOTEL_BRIDGE__SOURCES__SIMOTEL__API__BASE_URL=fake.url,
     )
+    from tests.test_worker_support import ok
+
+    # demo.yaml reconciles its source: Simotel's cursor endpoints answer an empty table, so a
+    # pass completes (cursor lag, last success) and history is on by default.
+    empty_table = ok({"data": [], "last_id": None})
+    fake.on("reports/cdr/ordered/id", empty_table)
+    fake.on("reports/queue/ordered/id", empty_table)
     with image_command(dockerfile_command(), env, tmp_path, port, tmp_path / "log") as bridge:
         await asyncio.to_thread(bridge.wait_ready)
         statuses = await asyncio.to_thread(exercise, bridge.base_url)
@@ -574,9 +604,16 @@ async def test_every_metric_of_the_dashboard_and_alerts_is_exposed(
         client_settings = make_settings(f"amqp://guest:guest@{AMQP_HOST}/{vhost}", tmp_path)
         result = await send_command(client_settings, "pbx/users/search", {}, timeout=30)
         assert result.status == "ok", result
+        await fake.wait_for("reports/queue/ordered/id", timeout=60)  # the pass's last page
         async with httpx.AsyncClient(base_url=bridge.base_url) as client:
-            text = (await client.get("/metrics")).text
+            deadline = time.monotonic() + 60
+            while True:  # the pass ends just after its last page: wait for it, bounded
+                text = (await client.get("/metrics")).text
+                if sampled_names(text) >= SAMPLED_FROM_START or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.1)  # another process's state: nothing to await
         await asyncio.to_thread(bridge.stop)
+    assert sampled_names(text) >= SAMPLED_FROM_START, SAMPLED_FROM_START - sampled_names(text)
     exposed = exposed_names(text)
     for source, exprs in (("dashboard", dashboard_expressions()), ("alerts", alert_expressions())):
         for expr in exprs:
