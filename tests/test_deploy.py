@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -654,9 +655,51 @@ def test_compose_file_validates_against_the_compose_specification() -> None:
     assert not errors, "\n".join(f"{'/'.join(map(str, e.path))}: {e.message}" for e in errors)
 
 
+def compose_variables() -> dict[str, str]:
+    """deploy/compose.env.example's values."""
+    return dict(
+        line.split("=", 1)
+        for line in (DEPLOY / "compose.env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+
+
+def test_compose_workers_share_state_in_postgresql() -> None:
+    services = compose()["services"]
+    postgres = services["postgres"]
+    assert postgres["image"].split(":")[0] == "postgres"  # the official image
+    assert "pg_isready" in postgres["healthcheck"]["test"]
+    (data,) = postgres["volumes"]
+    assert (
+        data.split(":")[1] == "/var/lib/postgresql/data"
+        and data.split(":")[0] in compose()["volumes"]
+    )
+    assert "ports" not in postgres  # reachable from the compose network only
+    pg_env = {k: interpolate(v, compose_variables()) for k, v in postgres["environment"].items()}
+    worker = services["worker"]
+    assert worker["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert worker["deploy"]["replicas"] >= 2
+    variables = compose_variables()
+    url = urllib.parse.urlsplit(
+        interpolate(worker["environment"]["SIMOTEL_BRIDGE__WORKER__STATE_URL"], variables)
+    )
+    assert (url.scheme, url.hostname, url.port) == ("postgresql", "postgres", 5432)
+    assert url.username == pg_env["POSTGRES_USER"] and url.path == "/" + pg_env["POSTGRES_DB"]
+    assert url.password == pg_env["POSTGRES_PASSWORD"] == variables["POSTGRES_PASSWORD"]
+    assert "${POSTGRES_PASSWORD" in worker["environment"]["SIMOTEL_BRIDGE__WORKER__STATE_URL"]
+    # The password is put into a URL as it is: the example must be what the comment allows.
+    assert re.fullmatch(r"[A-Za-z0-9._~-]+", variables["POSTGRES_PASSWORD"])
+    # Everything else the worker gets is what every bridge service gets.
+    shared = compose()["x-bridge"]["environment"]
+    assert {k: v for k, v in worker["environment"].items() if "STATE_URL" not in k} == shared
+    # The ingress never opens the store: no database credentials, no start-up dependency.
+    assert "SIMOTEL_BRIDGE__WORKER__STATE_URL" not in services["ingress"]["environment"]
+    assert "postgres" not in services["ingress"]["depends_on"]
+
+
 def test_compose_services_keep_the_rules() -> None:
     services = compose()["services"]
-    assert {"rabbitmq", "ingress", "worker", "simulator", "responder"} <= set(services)
+    assert {"rabbitmq", "postgres", "ingress", "worker", "simulator", "responder"} <= set(services)
     assert "management" in services["rabbitmq"]["image"]
     for name in ("simulator", "responder"):
         assert services[name]["profiles"] == ["demo"]
@@ -684,11 +727,7 @@ def test_compose_services_keep_the_rules() -> None:
 def test_compose_service_configuration_is_valid(service: str, tmp_path: Path) -> None:
     """What the service would start with (the mounted config, the image's ENV, the service's
     environment with deploy/compose.env.example's values) passes check-config."""
-    variables = dict(
-        line.split("=", 1)
-        for line in (DEPLOY / "compose.env.example").read_text().splitlines()
-        if line and not line.startswith("#")
-    )
+    variables = compose_variables()
     spec = compose()["services"][service]
     (config,) = [c for c in spec["configs"] if c["target"] == "/etc/simotel-bridge/config.yaml"]
     config_file = DEPLOY / compose()["configs"][config["source"]]["file"]
@@ -707,16 +746,22 @@ KUBERNETES = DEPLOY / "kubernetes"
 OLDEST_KUBERNETES = "1.27.0"  # StatefulSet's persistentVolumeClaimRetentionPolicy is on by default
 
 
-def manifests() -> list[tuple[str, dict[str, Any]]]:
+def manifests(directory: Path = KUBERNETES) -> list[tuple[str, dict[str, Any]]]:
     docs = []
-    for path in sorted(KUBERNETES.glob("*.yaml")):
+    for path in sorted(directory.glob("*.yaml")):
         docs += [(path.name, d) for d in yaml.safe_load_all(path.read_text()) if d]
     return docs
 
 
-def manifest(kind: str, name: str) -> dict[str, Any]:
-    (found,) = [d for _, d in manifests() if d["kind"] == kind and d["metadata"]["name"] == name]
+def manifest(kind: str, name: str, directory: Path = KUBERNETES) -> dict[str, Any]:
+    (found,) = [
+        d for _, d in manifests(directory) if d["kind"] == kind and d["metadata"]["name"] == name
+    ]
     return found
+
+
+# The optional worker with its state in PostgreSQL, applied instead of worker-deployment.yaml.
+SHARED_STATE = KUBERNETES / "shared-state"
 
 
 @pytest.mark.parametrize("version", [OLDEST_KUBERNETES, "latest"])
@@ -730,7 +775,7 @@ def test_kubernetes_manifests_validate(version: str) -> None:
         "StatefulSet", "Deployment", "Service", "ConfigMap", "Secret", "PodDisruptionBudget",
         "PersistentVolumeClaim",
     }  # fmt: skip
-    for name, doc in docs:
+    for name, doc in docs + manifests(SHARED_STATE):
         try:
             kubernetes_validate.validate(doc, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
@@ -787,6 +832,52 @@ def test_kubernetes_configuration_is_the_container_configuration(tmp_path: Path)
     path = tmp_path / "config.yaml"
     path.write_text(config)
     env = {**image_environment(tmp_path, tmp_path), **secret, "SIMOTEL_BRIDGE_CONFIG": str(path)}
+    argv = [*dockerfile_command()[:1], "check-config"]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_kubernetes_shared_state_worker_is_the_worker_with_several_replicas(
+    tmp_path: Path,
+) -> None:
+    assert {d["kind"] for _, d in manifests(SHARED_STATE)} == {
+        "Deployment", "Secret", "PodDisruptionBudget"
+    }  # fmt: skip
+    single = manifest("Deployment", "simotel-bridge-worker")
+    shared = manifest("Deployment", "simotel-bridge-worker", SHARED_STATE)
+    assert shared["spec"]["replicas"] >= 2
+    assert shared["spec"]["strategy"]["type"] == "RollingUpdate"
+    (container,) = _containers(shared)
+    secret = manifest("Secret", "simotel-bridge-worker-state", SHARED_STATE)
+    assert set(secret["stringData"]) == {"SIMOTEL_BRIDGE__WORKER__STATE_URL"}
+    assert container["envFrom"] == [
+        {"secretRef": {"name": "simotel-bridge"}},
+        {"secretRef": {"name": secret["metadata"]["name"]}},
+    ]
+    volumes = {v["name"]: v for v in shared["spec"]["template"]["spec"]["volumes"]}
+    assert "emptyDir" in volumes["state"]  # no claim: nothing of the worker's is on disk
+    # Everything else is the single worker's, so the two files cannot drift apart.
+    for doc in (single, shared):
+        del doc["spec"]["replicas"], doc["spec"]["strategy"]
+        del _containers(doc)[0]["envFrom"]
+        doc["spec"]["template"]["spec"]["volumes"] = [
+            v for v in doc["spec"]["template"]["spec"]["volumes"] if v["name"] != "state"
+        ]
+    assert shared == single
+    pdb = manifest("PodDisruptionBudget", "simotel-bridge-worker", SHARED_STATE)
+    assert pdb["spec"]["selector"]["matchLabels"] == shared["spec"]["selector"]["matchLabels"]
+    # The ConfigMap with both Secrets is a valid worker configuration, its store in PostgreSQL.
+    path = tmp_path / "config.yaml"
+    path.write_text(manifest("ConfigMap", "simotel-bridge")["data"]["config.yaml"])
+    env = {
+        **manifest("Secret", "simotel-bridge")["stringData"],
+        **secret["stringData"],
+        "SIMOTEL_BRIDGE_CONFIG": str(path),
+    }
+    settings = load_settings(path, environ=env)
+    assert settings.worker.state_url is not None
+    assert settings.worker.state_url.get_secret_value().startswith("postgresql://")
+    env = {**image_environment(tmp_path, tmp_path), **env}
     argv = [*dockerfile_command()[:1], "check-config"]
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
