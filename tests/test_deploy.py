@@ -1,7 +1,8 @@
 """deploy/ checked offline (no container engine here): the broker definitions export against a
 real broker, the Dockerfile (hadolint), the Compose file (the Compose specification's schema),
 the Kubernetes manifests (kubernetes-validate), the dashboard's and alert rules' metric names
-against a running bridge's /metrics, and the image's command line under a throwaway user."""
+against a running bridge's /metrics, the alert rules in Prometheus' rule engine (promtool), and
+the image's command line under a throwaway user."""
 
 from __future__ import annotations
 
@@ -620,6 +621,127 @@ async def test_every_metric_of_the_dashboard_and_alerts_is_exposed(
         for expr in exprs:
             missing = promql_metric_names(expr) - exposed
             assert not missing, f"{source}: {sorted(missing)} not in /metrics ({expr})"
+
+
+# --- alert rules, evaluated by Prometheus' own rule engine (promtool) -----------------------
+
+PROMTOOL = ROOT / "var" / "tools" / "promtool"
+
+
+def promtool(*args: str, cwd: Path = ROOT) -> str:
+    assert PROMTOOL.exists(), (
+        "promtool is fetched by scripts/ensure-promtool (scripts/test runs it)"
+    )
+    done = subprocess.run(
+        [str(PROMTOOL), *args], capture_output=True, text=True, timeout=120, cwd=cwd
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_alert_rules_pass_promtool_check() -> None:
+    out = promtool("check", "rules", str(ALERTS))
+    assert f"SUCCESS: {len(alert_expressions())} rules found" in out, out
+
+
+@dataclass
+class AlertCase:
+    """Series (promtool's expanding notation, one sample a minute) under which `alert` must be
+    firing at `at` with these labels and summary, or (`fires=False`) not firing at all."""
+
+    alert: str
+    series: dict[str, str]
+    at: str
+    labels: dict[str, str] | None = None
+    summary: str = ""
+
+    @property
+    def fires(self) -> bool:
+        return self.labels is not None
+
+
+_A = 'job="bridge",instance="a"'
+QUARANTINE = f"simotel_bridge_spool_quarantine_depth{{{_A}}}"
+UNROUTED_FULL = f"simotel_bridge_unrouted_full{{{_A}}}"
+LAST_SUCCESS = f'simotel_bridge_reconcile_last_success_timestamp_seconds{{{_A},source="s"}}'
+ACTIVE = f'simotel_bridge_reconcile_active{{{_A},source="s"}}'
+API_ERRORS = f'simotel_bridge_reconcile_errors_total{{{_A},source="s",kind="api"}}'
+LAG = f'simotel_bridge_reconcile_cursor_lag_seconds{{{_A},source="s",feed="cdr"}}'
+HISTORY_AGE = f"simotel_bridge_history_oldest_event_age_seconds{{{_A}}}"
+BRIDGE = {"job": "bridge"}
+ALERT_CASES = [
+    AlertCase("SimotelBridgeSpoolQuarantine", {QUARANTINE: "0 0 2x10"}, "6m",
+              {**BRIDGE, "instance": "a"}, "a holds 2 quarantined spool events"),
+    AlertCase("SimotelBridgeSpoolQuarantine", {QUARANTINE: "0x10"}, "8m"),
+    AlertCase("SimotelBridgeUnroutedFull", {UNROUTED_FULL: "0x5 1x10"}, "14m", BRIDGE,
+              "simotel.unrouted is full and drops its oldest events"),
+    AlertCase("SimotelBridgeUnroutedFull", {UNROUTED_FULL: "0x5 1x3 0x5"}, "14m"),
+    # A last success stuck at t=0 while the clock runs: stale once 600 s have passed + for 5m.
+    AlertCase("SimotelBridgeReconcileStale", {LAST_SUCCESS: "0x30"}, "20m",
+              {**BRIDGE, "source": "s"}, "No reconciliation pass of s succeeded for 20m 0s"),
+    AlertCase("SimotelBridgeReconcileStale", {LAST_SUCCESS: "0+60x30"}, "20m"),  # every minute
+    AlertCase("SimotelBridgeReconcileNeverSucceeded", {ACTIVE: "1x30"}, "20m",
+              {**BRIDGE, "source": "s"},
+              "The reconciler of s has not completed a pass since it started"),
+    AlertCase("SimotelBridgeReconcileNeverSucceeded",
+              {ACTIVE: "1x30", LAST_SUCCESS: "0+60x30"}, "20m"),
+    AlertCase("SimotelBridgeReconcileNeverSucceeded", {ACTIVE: "0x30"}, "20m"),  # a standby
+    AlertCase("SimotelBridgeReconcileErrors", {API_ERRORS: "0+1x30"}, "20m",
+              {**BRIDGE, "source": "s", "kind": "api"}, "Reconciliation of s keeps failing (api)"),
+    AlertCase("SimotelBridgeReconcileErrors", {API_ERRORS: "0x10 1x20"}, "20m"),  # one, once
+    AlertCase("SimotelBridgeReconcileLagGrowing", {LAG: "0+60x60"}, "55m",
+              {**BRIDGE, "source": "s", "feed": "cdr"},
+              "The cdr cursor of s is 55m 0s behind and falling back"),
+    AlertCase("SimotelBridgeReconcileLagGrowing", {LAG: "120x60"}, "55m"),  # held by grace_s
+    # Cut by size: the oldest event stays an hour old for hours.
+    AlertCase("SimotelBridgeHistoryCutBySize", {HISTORY_AGE: "3600x300"}, "3h", BRIDGE,
+              "simotel.history keeps only 1h 0m 0s of events"),
+    AlertCase("SimotelBridgeHistoryCutBySize", {HISTORY_AGE: "0+60x300"}, "3h"),  # young, ageing
+    AlertCase("SimotelBridgeHistoryCutBySize", {HISTORY_AGE: "604800x300"}, "3h"),  # at max_age
+    AlertCase("SimotelBridgeHistoryCutBySize", {HISTORY_AGE: "0x300"}, "3h"),  # empty stream
+]  # fmt: skip
+
+
+def test_new_alerts_fire_when_they_should_and_only_then(tmp_path: Path) -> None:
+    """`promtool test rules`: Prometheus' rule engine evaluates deploy/prometheus/alerts.yaml
+    over made-up series, and each alert is firing, with its labels and rendered summary, in
+    the bad case and silent in the good ones."""
+    rules = {
+        r["alert"]: r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]
+    }
+    tests = []
+    for case in ALERT_CASES:
+        rule = rules[case.alert]
+        expected = []
+        if case.fires:
+            assert case.labels is not None
+            annotations = {
+                "summary": case.summary,
+                "description": rule["annotations"]["description"],
+            }
+            assert "{{" not in annotations["description"], case.alert
+            expected = [{"exp_labels": {**case.labels, **rule["labels"]},
+                         "exp_annotations": annotations}]  # fmt: skip
+        tests.append(
+            {
+                "interval": "1m",
+                "name": f"{case.alert} {'fires' if case.fires else 'silent'}",
+                "input_series": [{"series": k, "values": v} for k, v in case.series.items()],
+                "alert_rule_test": [
+                    {"eval_time": case.at, "alertname": case.alert, "exp_alerts": expected}
+                ],
+            }
+        )
+    shutil.copyfile(ALERTS, tmp_path / "alerts.yaml")
+    (tmp_path / "tests.yaml").write_text(
+        yaml.safe_dump({"rule_files": ["alerts.yaml"], "evaluation_interval": "1m", "tests": tests})
+    )
+    promtool("test", "rules", "tests.yaml", cwd=tmp_path)
+    new_alerts = {
+        r for r in rules if r.startswith(("SimotelBridgeReconcile", "SimotelBridgeHistory"))
+    }
+    new_alerts |= {"SimotelBridgeSpoolQuarantine", "SimotelBridgeUnroutedFull"}
+    assert {c.alert for c in ALERT_CASES if c.fires} == new_alerts
 
 
 # --- compose.yaml -------------------------------------------------------------------------
