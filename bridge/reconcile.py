@@ -268,6 +268,10 @@ class BrokerLock:
 # the reconciler
 
 
+# Every value `_error_kind` gives: the counters start at zero for each (see Reconciler).
+ERROR_KINDS = ("api", "lock", "broker", "other")
+
+
 def _error_kind(exc: BaseException) -> str:
     if isinstance(exc, LockLost):
         return "lock"
@@ -310,6 +314,14 @@ class Reconciler:
         self.clock = clock
         self.lock = BrokerLock(settings.amqp.endpoints(), source, settings.amqp.heartbeat)
         self.queue_name = topology.reconcile_queue_name(source)
+        # The series an operator reads as "none so far" exist from the start, at zero, rather
+        # than appearing with their first increment (rate() and increase() need the zero).
+        for event in cdr.EVENTS.values():
+            metrics.recovered.labels(source, event)
+        for kind in ERROR_KINDS:
+            metrics.errors.labels(source, kind)
+        metrics.seen.labels(source)
+        metrics.active.labels(source)
 
     async def close(self) -> None:
         await self.lock.release()

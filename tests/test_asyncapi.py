@@ -13,9 +13,11 @@ from typing import Any
 import pytest
 import yaml
 
-from bridge import topology
+from bridge import cdr, topology
 from bridge.commands import STATUSES, Envelope, Result, needs_dead_letter, result_message
-from bridge.config import COMPONENTS, AmqpSettings, HistorySettings
+from bridge.config import COMPONENTS, AmqpSettings, HistorySettings, SourceSettings
+from bridge.reconcile import recovered_event
+from bridge.replay import REPLAYED_HEADER, replayed
 from bridge.translate import KNOWN_EVENTS, Payload, build_event
 from bridge.worker import dead_letter
 from tests.nodetools import node_modules
@@ -78,8 +80,28 @@ def test_document_shape_and_every_ref_resolves(doc: dict[str, Any]) -> None:
             assert m["$ref"].startswith(channel + "/messages/"), name
 
 
+# A source that reconciles, named as the document's parameter: its queue and bindings come out
+# as `simotel.reconcile.{source}` and `{source}.Cdr`, as the document writes them.
+RECONCILING = {
+    "{source}": SourceSettings.model_validate(
+        {
+            "webhook": {"username": "u", "password": "p"},
+            "api": {
+                "base_url": "http://simotel.invalid/api/v4/",
+                "username": "u",
+                "password": "p",
+                "api_key": "k",
+            },
+            "reconcile": {"enabled": True},
+        }
+    )
+}
+
+
 def test_topology_names_and_types(doc: dict[str, Any]) -> None:
-    topo = topology.build(AmqpSettings(), HistorySettings())  # the defaults: history on
+    # The defaults (history on), and a source with reconciliation on.
+    topo = topology.build(AmqpSettings(), HistorySettings(), sources=RECONCILING)
+    assert topology.reconcile_queue_name("{source}") in {q.name for q in topo.queues}
     exchanges: dict[str, str] = {}
     queues: dict[str, dict[str, Any]] = {}
     for channel in doc["channels"].values():
@@ -192,6 +214,113 @@ def test_event_headers_and_properties(doc: dict[str, Any]) -> None:
             "timestamp",
         }
         assert sent.type == with_call.event
+
+
+def _recovered(feed: cdr.Feed) -> Any:
+    from tests.test_cdr import CDR_RECORD, QUEUE_RECORD
+
+    item = cdr.recover(feed, CDR_RECORD if feed == "cdr" else QUEUE_RECORD)
+    return recovered_event("simotel.events", "simotel", item, 1_700_000_000.0)
+
+
+def _properties(doc: dict[str, Any], node: dict[str, Any]) -> set[str]:
+    """Every property a payload schema names, through `allOf` and `$ref`s."""
+    node = resolve(doc, node)
+    names = set(node.get("properties", {}))
+    for part in node.get("allOf", []):
+        names |= _properties(doc, part)
+    return names
+
+
+def _required(doc: dict[str, Any], node: dict[str, Any]) -> set[str]:
+    node = resolve(doc, node)
+    names = set(node.get("required", []))
+    for part in node.get("allOf", []):
+        names |= _required(doc, part)
+    return names
+
+
+@pytest.mark.parametrize(
+    ("feed", "name"), [("cdr", "ReconciledCdr"), ("queue", "ReconciledCdrQueue")]
+)
+def test_reconciled_event_headers_properties_and_body(
+    doc: dict[str, Any], feed: cdr.Feed, name: str
+) -> None:
+    import re
+
+    event = _recovered(feed)
+    msg = message(doc, name)
+    assert msg["bindings"]["amqp"]["messageType"] == event.event == cdr.EVENTS[feed]
+    headers = schema(doc, msg, "headers")
+    # Exactly the headers sent, every one of them always (a recovered event always has a call).
+    assert list(headers["properties"]) == list(event.headers)
+    assert headers["required"] == list(event.headers)
+    assert headers["properties"]["origin"]["const"] == event.headers["origin"] == "reconciled"
+    assert event.event in headers["properties"]["event"]["enum"]
+    # A webhook's event has no `origin`: the plain events' headers do not name it.
+    assert "origin" not in schema(doc, message(doc, "Cdr"), "headers")["properties"]
+    props = schema(doc, msg, "x-amqp-properties")
+    sent = event.to_message()
+    assert props["properties"]["content_type"]["const"] == sent.content_type
+    assert props["properties"]["delivery_mode"]["const"] == sent.delivery_mode.value
+    assert props["properties"]["app_id"]["const"] == sent.app_id
+    assert sent.type in props["properties"]["type"]["enum"]
+    assert re.fullmatch(props["properties"]["message_id"]["pattern"], sent.message_id or "")
+    assert set(props["required"]) == set(
+        schema(doc, message(doc, "Cdr"), "x-amqp-properties")["required"]
+    )
+    body = json.loads(sent.body)
+    assert cdr.RAW_KEY in body and cdr.RAW_KEY in _required(doc, msg["payload"])
+    assert set(body) <= _properties(doc, msg["payload"]), set(body) - _properties(
+        doc, msg["payload"]
+    )
+    assert _required(doc, msg["payload"]) <= set(body)
+    assert (
+        body["event_name"]
+        == resolve(doc, msg["payload"])["allOf"][1]["properties"]["event_name"]["const"]
+    )
+    # Both are on the events exchange and in the reconciler's seen queue.
+    for channel in ("events", "reconcileQueue"):
+        assert doc["channels"][channel]["messages"][name] == {
+            "$ref": f"#/components/messages/{name}"
+        }
+
+
+class _Stored:
+    """An event as read back from the history stream (the attributes `replayed` reads)."""
+
+    def __init__(self, event: Any) -> None:
+        sent = event.to_message()
+        self.body = sent.body
+        self.headers = {**event.headers, "x-stream-offset": 7}
+        attrs = (
+            "content_type",
+            "content_encoding",
+            "delivery_mode",
+            "priority",
+            "correlation_id",
+            "reply_to",
+            "message_id",
+            "timestamp",
+            "type",
+            "app_id",
+        )
+        for attr in attrs:
+            setattr(self, attr, getattr(sent, attr))
+
+
+def test_replayed_event_headers(doc: dict[str, Any]) -> None:
+    headers = schema(doc, message(doc, "ReplayedEvent"), "headers")
+    assert headers["properties"][REPLAYED_HEADER]["const"] is True
+    # The fullest: a recovered event replayed (every header that can appear, in order).
+    again = replayed(_Stored(_recovered("cdr")))  # type: ignore[arg-type]
+    assert list(headers["properties"]) == list(again.headers)
+    assert again.headers[REPLAYED_HEADER] is True
+    # The leanest: a webhook event without a call id; the required headers are exactly its own.
+    ping = build_event("simotel.events", "simotel", "Ping", Payload({"event_name": "Ping"}, "json"))
+    lean = replayed(_Stored(ping))  # type: ignore[arg-type]
+    assert headers["required"] == list(lean.headers)
+    assert lean.message_id == ping.message_id and lean.type == ping.event
 
 
 def test_dead_letter_headers(doc: dict[str, Any]) -> None:

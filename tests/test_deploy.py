@@ -1,7 +1,8 @@
 """deploy/ checked offline (no container engine here): the broker definitions export against a
 real broker, the Dockerfile (hadolint), the Compose file (the Compose specification's schema),
 the Kubernetes manifests (kubernetes-validate), the dashboard's and alert rules' metric names
-against a running bridge's /metrics, and the image's command line under a throwaway user."""
+against a running bridge's /metrics, the alert rules in Prometheus' rule engine (promtool), and
+the image's command line under a throwaway user."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -537,6 +539,27 @@ def exposed_names(text: str) -> set[str]:
     return names
 
 
+def sampled_names(text: str) -> set[str]:
+    """The names that have at least one sample in /metrics (a series PromQL can select)."""
+    return {_WORD.match(line).group() for line in text.splitlines() if line and line[0] != "#"}  # type: ignore[union-attr]
+
+
+# Series an alert reads as "zero so far" or compares against: they must be in /metrics from the
+# start, with a value, or the alert cannot fire (an absent series matches nothing).
+SAMPLED_FROM_START = {
+    "simotel_bridge_reconcile_recovered_total",
+    "simotel_bridge_reconcile_errors_total",
+    "simotel_bridge_reconcile_active",
+    "simotel_bridge_reconcile_cursor_lag_seconds",
+    "simotel_bridge_reconcile_last_success_timestamp_seconds",
+    "simotel_bridge_history_oldest_event_age_seconds",
+    "simotel_bridge_history_events",
+    "simotel_bridge_spool_quarantine_depth",
+    "simotel_bridge_unrouted_depth",
+    "simotel_bridge_unrouted_full",
+}
+
+
 def test_promql_is_valid_and_its_names_are_found() -> None:
     expr = (
         'sum by (le, kind) (rate(a_bucket{x="b c", y=~"$job"}[$__rate_interval]))'
@@ -549,6 +572,8 @@ def test_promql_is_valid_and_its_names_are_found() -> None:
         n for e in dashboard_expressions() + alert_expressions() for n in promql_metric_names(e)
     }
     assert used and all(n.startswith("simotel_bridge_") for n in used), used
+    on_dashboard = {n for e in dashboard_expressions() for n in promql_metric_names(e)}
+    assert on_dashboard >= SAMPLED_FROM_START, SAMPLED_FROM_START - on_dashboard
 
 
 @pytest.mark.broker
@@ -567,6 +592,13 @@ async def test_every_metric_of_the_dashboard_and_alerts_is_exposed(
         SIMOTEL_BRIDGE__HTTP__HOST="127.0.0.1",
         SIMOTEL_BRIDGE__SOURCES__SIMOTEL__API__BASE_URL=fake.url,
     )
+    from tests.test_worker_support import ok
+
+    # demo.yaml reconciles its source: Simotel's cursor endpoints answer an empty table, so a
+    # pass completes (cursor lag, last success) and history is on by default.
+    empty_table = ok({"data": [], "last_id": None})
+    fake.on("reports/cdr/ordered/id", empty_table)
+    fake.on("reports/queue/ordered/id", empty_table)
     with image_command(dockerfile_command(), env, tmp_path, port, tmp_path / "log") as bridge:
         await asyncio.to_thread(bridge.wait_ready)
         statuses = await asyncio.to_thread(exercise, bridge.base_url)
@@ -574,14 +606,142 @@ async def test_every_metric_of_the_dashboard_and_alerts_is_exposed(
         client_settings = make_settings(f"amqp://guest:guest@{AMQP_HOST}/{vhost}", tmp_path)
         result = await send_command(client_settings, "pbx/users/search", {}, timeout=30)
         assert result.status == "ok", result
+        await fake.wait_for("reports/queue/ordered/id", timeout=60)  # the pass's last page
         async with httpx.AsyncClient(base_url=bridge.base_url) as client:
-            text = (await client.get("/metrics")).text
+            deadline = time.monotonic() + 60
+            while True:  # the pass ends just after its last page: wait for it, bounded
+                text = (await client.get("/metrics")).text
+                if sampled_names(text) >= SAMPLED_FROM_START or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.1)  # another process's state: nothing to await
         await asyncio.to_thread(bridge.stop)
+    assert sampled_names(text) >= SAMPLED_FROM_START, SAMPLED_FROM_START - sampled_names(text)
     exposed = exposed_names(text)
     for source, exprs in (("dashboard", dashboard_expressions()), ("alerts", alert_expressions())):
         for expr in exprs:
             missing = promql_metric_names(expr) - exposed
             assert not missing, f"{source}: {sorted(missing)} not in /metrics ({expr})"
+
+
+# --- alert rules, evaluated by Prometheus' own rule engine (promtool) -----------------------
+
+PROMTOOL = ROOT / "var" / "tools" / "promtool"
+
+
+def promtool(*args: str, cwd: Path = ROOT) -> str:
+    assert PROMTOOL.exists(), (
+        "promtool is fetched by scripts/ensure-promtool (scripts/test runs it)"
+    )
+    done = subprocess.run(
+        [str(PROMTOOL), *args], capture_output=True, text=True, timeout=120, cwd=cwd
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_alert_rules_pass_promtool_check() -> None:
+    out = promtool("check", "rules", str(ALERTS))
+    assert f"SUCCESS: {len(alert_expressions())} rules found" in out, out
+
+
+@dataclass
+class AlertCase:
+    """Series (promtool's expanding notation, one sample a minute) under which `alert` must be
+    firing at `at` with these labels and summary, or (`fires=False`) not firing at all."""
+
+    alert: str
+    series: dict[str, str]
+    at: str
+    labels: dict[str, str] | None = None
+    summary: str = ""
+
+    @property
+    def fires(self) -> bool:
+        return self.labels is not None
+
+
+_A = 'job="bridge",instance="a"'
+QUARANTINE = f"simotel_bridge_spool_quarantine_depth{{{_A}}}"
+UNROUTED_FULL = f"simotel_bridge_unrouted_full{{{_A}}}"
+LAST_SUCCESS = f'simotel_bridge_reconcile_last_success_timestamp_seconds{{{_A},source="s"}}'
+ACTIVE = f'simotel_bridge_reconcile_active{{{_A},source="s"}}'
+API_ERRORS = f'simotel_bridge_reconcile_errors_total{{{_A},source="s",kind="api"}}'
+LAG = f'simotel_bridge_reconcile_cursor_lag_seconds{{{_A},source="s",feed="cdr"}}'
+HISTORY_AGE = f"simotel_bridge_history_oldest_event_age_seconds{{{_A}}}"
+BRIDGE = {"job": "bridge"}
+ALERT_CASES = [
+    AlertCase("SimotelBridgeSpoolQuarantine", {QUARANTINE: "0 0 2x10"}, "6m",
+              {**BRIDGE, "instance": "a"}, "a holds 2 quarantined spool events"),
+    AlertCase("SimotelBridgeSpoolQuarantine", {QUARANTINE: "0x10"}, "8m"),
+    AlertCase("SimotelBridgeUnroutedFull", {UNROUTED_FULL: "0x5 1x10"}, "14m", BRIDGE,
+              "simotel.unrouted is full and drops its oldest events"),
+    AlertCase("SimotelBridgeUnroutedFull", {UNROUTED_FULL: "0x5 1x3 0x5"}, "14m"),
+    # A last success stuck at t=0 while the clock runs: stale once 600 s have passed + for 5m.
+    AlertCase("SimotelBridgeReconcileStale", {LAST_SUCCESS: "0x30"}, "20m",
+              {**BRIDGE, "source": "s"}, "No reconciliation pass of s succeeded for 20m 0s"),
+    AlertCase("SimotelBridgeReconcileStale", {LAST_SUCCESS: "0+60x30"}, "20m"),  # every minute
+    AlertCase("SimotelBridgeReconcileNeverSucceeded", {ACTIVE: "1x30"}, "20m",
+              {**BRIDGE, "source": "s"},
+              "The reconciler of s has not completed a pass since it started"),
+    AlertCase("SimotelBridgeReconcileNeverSucceeded",
+              {ACTIVE: "1x30", LAST_SUCCESS: "0+60x30"}, "20m"),
+    AlertCase("SimotelBridgeReconcileNeverSucceeded", {ACTIVE: "0x30"}, "20m"),  # a standby
+    AlertCase("SimotelBridgeReconcileErrors", {API_ERRORS: "0+1x30"}, "20m",
+              {**BRIDGE, "source": "s", "kind": "api"}, "Reconciliation of s keeps failing (api)"),
+    AlertCase("SimotelBridgeReconcileErrors", {API_ERRORS: "0x10 1x20"}, "20m"),  # one, once
+    AlertCase("SimotelBridgeReconcileLagGrowing", {LAG: "0+60x60"}, "55m",
+              {**BRIDGE, "source": "s", "feed": "cdr"},
+              "The cdr cursor of s is 55m 0s behind and falling back"),
+    AlertCase("SimotelBridgeReconcileLagGrowing", {LAG: "120x60"}, "55m"),  # held by grace_s
+    # Cut by size: the oldest event stays an hour old for hours.
+    AlertCase("SimotelBridgeHistoryCutBySize", {HISTORY_AGE: "3600x300"}, "3h", BRIDGE,
+              "simotel.history keeps only 1h 0m 0s of events"),
+    AlertCase("SimotelBridgeHistoryCutBySize", {HISTORY_AGE: "0+60x300"}, "3h"),  # young, ageing
+    AlertCase("SimotelBridgeHistoryCutBySize", {HISTORY_AGE: "604800x300"}, "3h"),  # at max_age
+    AlertCase("SimotelBridgeHistoryCutBySize", {HISTORY_AGE: "0x300"}, "3h"),  # empty stream
+]  # fmt: skip
+
+
+def test_new_alerts_fire_when_they_should_and_only_then(tmp_path: Path) -> None:
+    """`promtool test rules`: Prometheus' rule engine evaluates deploy/prometheus/alerts.yaml
+    over made-up series, and each alert is firing, with its labels and rendered summary, in
+    the bad case and silent in the good ones."""
+    rules = {
+        r["alert"]: r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]
+    }
+    tests = []
+    for case in ALERT_CASES:
+        rule = rules[case.alert]
+        expected = []
+        if case.fires:
+            assert case.labels is not None
+            annotations = {
+                "summary": case.summary,
+                "description": rule["annotations"]["description"],
+            }
+            assert "{{" not in annotations["description"], case.alert
+            expected = [{"exp_labels": {**case.labels, **rule["labels"]},
+                         "exp_annotations": annotations}]  # fmt: skip
+        tests.append(
+            {
+                "interval": "1m",
+                "name": f"{case.alert} {'fires' if case.fires else 'silent'}",
+                "input_series": [{"series": k, "values": v} for k, v in case.series.items()],
+                "alert_rule_test": [
+                    {"eval_time": case.at, "alertname": case.alert, "exp_alerts": expected}
+                ],
+            }
+        )
+    shutil.copyfile(ALERTS, tmp_path / "alerts.yaml")
+    (tmp_path / "tests.yaml").write_text(
+        yaml.safe_dump({"rule_files": ["alerts.yaml"], "evaluation_interval": "1m", "tests": tests})
+    )
+    promtool("test", "rules", "tests.yaml", cwd=tmp_path)
+    new_alerts = {
+        r for r in rules if r.startswith(("SimotelBridgeReconcile", "SimotelBridgeHistory"))
+    }
+    new_alerts |= {"SimotelBridgeSpoolQuarantine", "SimotelBridgeUnroutedFull"}
+    assert {c.alert for c in ALERT_CASES if c.fires} == new_alerts
 
 
 # --- compose.yaml -------------------------------------------------------------------------
@@ -617,9 +777,51 @@ def test_compose_file_validates_against_the_compose_specification() -> None:
     assert not errors, "\n".join(f"{'/'.join(map(str, e.path))}: {e.message}" for e in errors)
 
 
+def compose_variables() -> dict[str, str]:
+    """deploy/compose.env.example's values."""
+    return dict(
+        line.split("=", 1)
+        for line in (DEPLOY / "compose.env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+
+
+def test_compose_workers_share_state_in_postgresql() -> None:
+    services = compose()["services"]
+    postgres = services["postgres"]
+    assert postgres["image"].split(":")[0] == "postgres"  # the official image
+    assert "pg_isready" in postgres["healthcheck"]["test"]
+    (data,) = postgres["volumes"]
+    assert (
+        data.split(":")[1] == "/var/lib/postgresql/data"
+        and data.split(":")[0] in compose()["volumes"]
+    )
+    assert "ports" not in postgres  # reachable from the compose network only
+    pg_env = {k: interpolate(v, compose_variables()) for k, v in postgres["environment"].items()}
+    worker = services["worker"]
+    assert worker["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert worker["deploy"]["replicas"] >= 2
+    variables = compose_variables()
+    url = urllib.parse.urlsplit(
+        interpolate(worker["environment"]["SIMOTEL_BRIDGE__WORKER__STATE_URL"], variables)
+    )
+    assert (url.scheme, url.hostname, url.port) == ("postgresql", "postgres", 5432)
+    assert url.username == pg_env["POSTGRES_USER"] and url.path == "/" + pg_env["POSTGRES_DB"]
+    assert url.password == pg_env["POSTGRES_PASSWORD"] == variables["POSTGRES_PASSWORD"]
+    assert "${POSTGRES_PASSWORD" in worker["environment"]["SIMOTEL_BRIDGE__WORKER__STATE_URL"]
+    # The password is put into a URL as it is: the example must be what the comment allows.
+    assert re.fullmatch(r"[A-Za-z0-9._~-]+", variables["POSTGRES_PASSWORD"])
+    # Everything else the worker gets is what every bridge service gets.
+    shared = compose()["x-bridge"]["environment"]
+    assert {k: v for k, v in worker["environment"].items() if "STATE_URL" not in k} == shared
+    # The ingress never opens the store: no database credentials, no start-up dependency.
+    assert "SIMOTEL_BRIDGE__WORKER__STATE_URL" not in services["ingress"]["environment"]
+    assert "postgres" not in services["ingress"]["depends_on"]
+
+
 def test_compose_services_keep_the_rules() -> None:
     services = compose()["services"]
-    assert {"rabbitmq", "ingress", "worker", "simulator", "responder"} <= set(services)
+    assert {"rabbitmq", "postgres", "ingress", "worker", "simulator", "responder"} <= set(services)
     assert "management" in services["rabbitmq"]["image"]
     for name in ("simulator", "responder"):
         assert services[name]["profiles"] == ["demo"]
@@ -647,11 +849,7 @@ def test_compose_services_keep_the_rules() -> None:
 def test_compose_service_configuration_is_valid(service: str, tmp_path: Path) -> None:
     """What the service would start with (the mounted config, the image's ENV, the service's
     environment with deploy/compose.env.example's values) passes check-config."""
-    variables = dict(
-        line.split("=", 1)
-        for line in (DEPLOY / "compose.env.example").read_text().splitlines()
-        if line and not line.startswith("#")
-    )
+    variables = compose_variables()
     spec = compose()["services"][service]
     (config,) = [c for c in spec["configs"] if c["target"] == "/etc/simotel-bridge/config.yaml"]
     config_file = DEPLOY / compose()["configs"][config["source"]]["file"]
@@ -670,16 +868,22 @@ KUBERNETES = DEPLOY / "kubernetes"
 OLDEST_KUBERNETES = "1.27.0"  # StatefulSet's persistentVolumeClaimRetentionPolicy is on by default
 
 
-def manifests() -> list[tuple[str, dict[str, Any]]]:
+def manifests(directory: Path = KUBERNETES) -> list[tuple[str, dict[str, Any]]]:
     docs = []
-    for path in sorted(KUBERNETES.glob("*.yaml")):
+    for path in sorted(directory.glob("*.yaml")):
         docs += [(path.name, d) for d in yaml.safe_load_all(path.read_text()) if d]
     return docs
 
 
-def manifest(kind: str, name: str) -> dict[str, Any]:
-    (found,) = [d for _, d in manifests() if d["kind"] == kind and d["metadata"]["name"] == name]
+def manifest(kind: str, name: str, directory: Path = KUBERNETES) -> dict[str, Any]:
+    (found,) = [
+        d for _, d in manifests(directory) if d["kind"] == kind and d["metadata"]["name"] == name
+    ]
     return found
+
+
+# The optional worker with its state in PostgreSQL, applied instead of worker-deployment.yaml.
+SHARED_STATE = KUBERNETES / "shared-state"
 
 
 @pytest.mark.parametrize("version", [OLDEST_KUBERNETES, "latest"])
@@ -693,7 +897,7 @@ def test_kubernetes_manifests_validate(version: str) -> None:
         "StatefulSet", "Deployment", "Service", "ConfigMap", "Secret", "PodDisruptionBudget",
         "PersistentVolumeClaim",
     }  # fmt: skip
-    for name, doc in docs:
+    for name, doc in docs + manifests(SHARED_STATE):
         try:
             kubernetes_validate.validate(doc, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
@@ -750,6 +954,52 @@ def test_kubernetes_configuration_is_the_container_configuration(tmp_path: Path)
     path = tmp_path / "config.yaml"
     path.write_text(config)
     env = {**image_environment(tmp_path, tmp_path), **secret, "SIMOTEL_BRIDGE_CONFIG": str(path)}
+    argv = [*dockerfile_command()[:1], "check-config"]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_kubernetes_shared_state_worker_is_the_worker_with_several_replicas(
+    tmp_path: Path,
+) -> None:
+    assert {d["kind"] for _, d in manifests(SHARED_STATE)} == {
+        "Deployment", "Secret", "PodDisruptionBudget"
+    }  # fmt: skip
+    single = manifest("Deployment", "simotel-bridge-worker")
+    shared = manifest("Deployment", "simotel-bridge-worker", SHARED_STATE)
+    assert shared["spec"]["replicas"] >= 2
+    assert shared["spec"]["strategy"]["type"] == "RollingUpdate"
+    (container,) = _containers(shared)
+    secret = manifest("Secret", "simotel-bridge-worker-state", SHARED_STATE)
+    assert set(secret["stringData"]) == {"SIMOTEL_BRIDGE__WORKER__STATE_URL"}
+    assert container["envFrom"] == [
+        {"secretRef": {"name": "simotel-bridge"}},
+        {"secretRef": {"name": secret["metadata"]["name"]}},
+    ]
+    volumes = {v["name"]: v for v in shared["spec"]["template"]["spec"]["volumes"]}
+    assert "emptyDir" in volumes["state"]  # no claim: nothing of the worker's is on disk
+    # Everything else is the single worker's, so the two files cannot drift apart.
+    for doc in (single, shared):
+        del doc["spec"]["replicas"], doc["spec"]["strategy"]
+        del _containers(doc)[0]["envFrom"]
+        doc["spec"]["template"]["spec"]["volumes"] = [
+            v for v in doc["spec"]["template"]["spec"]["volumes"] if v["name"] != "state"
+        ]
+    assert shared == single
+    pdb = manifest("PodDisruptionBudget", "simotel-bridge-worker", SHARED_STATE)
+    assert pdb["spec"]["selector"]["matchLabels"] == shared["spec"]["selector"]["matchLabels"]
+    # The ConfigMap with both Secrets is a valid worker configuration, its store in PostgreSQL.
+    path = tmp_path / "config.yaml"
+    path.write_text(manifest("ConfigMap", "simotel-bridge")["data"]["config.yaml"])
+    env = {
+        **manifest("Secret", "simotel-bridge")["stringData"],
+        **secret["stringData"],
+        "SIMOTEL_BRIDGE_CONFIG": str(path),
+    }
+    settings = load_settings(path, environ=env)
+    assert settings.worker.state_url is not None
+    assert settings.worker.state_url.get_secret_value().startswith("postgresql://")
+    env = {**image_environment(tmp_path, tmp_path), **env}
     argv = [*dockerfile_command()[:1], "check-config"]
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr

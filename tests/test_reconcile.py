@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -277,10 +278,14 @@ async def test_readyz_does_not_depend_on_simotel(
                     assert not task.done(), task
                     with contextlib.suppress(httpx.TransportError):
                         text = (await client.get("/metrics")).text
-                        if (
-                            'simotel_bridge_reconcile_errors_total{kind="api",source="simotel"}'
-                            in text
-                        ):
+                        # The counter is there from the start, at 0: wait for a count.
+                        api_errors = re.search(
+                            r'^simotel_bridge_reconcile_errors_total\{kind="api",source="simotel"\}'
+                            r" ([0-9.e+]+)$",
+                            text,
+                            re.M,
+                        )
+                        if api_errors and float(api_errors.group(1)) >= 1:
                             break
                     await asyncio.sleep(0.1)  # polling a server in this process
             assert (await client.get("/readyz")).status_code == 200
