@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from bridge.commands import STATUSES
 from bridge.translate import KNOWN_EVENTS
 
 _KNOWN = frozenset(KNOWN_EVENTS)
@@ -101,3 +102,52 @@ class ReconcileMetrics:
             ["source"],
             registry=r,
         )
+
+
+class WorkerMetrics:
+    """The worker's Prometheus metrics, registered on the given registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.commands = Counter(
+            "simotel_bridge_commands_total",
+            "Commands settled, by source and result status.",
+            ["source", "status"],
+            registry=registry,
+        )
+        self.duplicates = Counter(
+            "simotel_bridge_command_duplicates_total",
+            "Commands answered with the result of an earlier command with the same message_id.",
+            registry=registry,
+        )
+        self.handed_back = Counter(
+            "simotel_bridge_commands_handed_back_total",
+            "Commands returned to the queue (shutdown, unconfirmed result, unexpected error).",
+            registry=registry,
+        )
+        self.publish_failures = Counter(
+            "simotel_bridge_result_publish_failures_total",
+            "Attempts to publish a result (or its reply or dead letter) the broker did not "
+            "confirm; each is retried with backoff before the command is handed back.",
+            registry=registry,
+        )
+        self.unpublishable = Counter(
+            "simotel_bridge_results_unpublishable_total",
+            "Results the broker refused (too large, cannot be encoded, nacked): replaced by a "
+            "result without its response (reason result_unpublishable) and a dead letter.",
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "simotel_bridge_commands_in_flight",
+            "Commands being executed, by lane.",
+            ["lane"],
+            registry=registry,
+        )
+        self.simotel_latency = Histogram(
+            "simotel_bridge_simotel_request_seconds",
+            "Duration of one HTTP request to Simotel, by source and endpoint kind.",
+            ["source", "kind"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=registry,
+        )
+        for status in STATUSES:  # make every status visible at 0
+            self.commands.labels(source="_", status=status)

@@ -16,8 +16,8 @@ import yaml
 from bridge import topology
 from bridge.commands import STATUSES, Envelope, Result, needs_dead_letter, result_message
 from bridge.config import COMPONENTS, AmqpSettings, HistorySettings
+from bridge.settle import dead_letter
 from bridge.translate import KNOWN_EVENTS, Payload, build_event
-from bridge.worker import dead_letter
 from tests.nodetools import node_modules
 
 DOC_PATH = Path(__file__).resolve().parent.parent / "docs" / "asyncapi.yaml"
