@@ -151,3 +151,40 @@ class WorkerMetrics:
         )
         for status in STATUSES:  # make every status visible at 0
             self.commands.labels(source="_", status=status)
+
+
+class ComponentMetrics:
+    """The component RPC's metrics (docs/components.md), on the process's registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "simotel_bridge_component_requests",
+            "Component requests by outcome",
+            ["source", "component", "outcome"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "simotel_bridge_component_latency_seconds",
+            "Time from the request reaching the bridge to the answer being ready",
+            ["component", "outcome"],
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.8, 1.0, 2.0),
+            registry=registry,
+        )
+        self.oversized = Counter(
+            "simotel_bridge_component_oversized_answers",
+            "Answers refused unparsed because they were over max_answer_bytes",
+            ["component"],
+            registry=registry,
+        )
+        self.late = Counter(
+            "simotel_bridge_component_late_answers",
+            "Answers that arrived after their deadline (dropped)",
+            ["component"],
+            registry=registry,
+        )
+        self.events_failed = Counter(
+            "simotel_bridge_component_events_failed",
+            "Component requests that could not be published as events",
+            ["source"],
+            registry=registry,
+        )
