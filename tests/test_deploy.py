@@ -33,12 +33,12 @@ from bridge.amqp import Broker
 from bridge.cli import main as cli_main
 from bridge.config import AmqpSettings, load_settings
 from bridge.send import send_command
-from tests.brokernode import free_port
-from tests.conftest import AMQP_HOST, FIXTURES, make_settings
-from tests.nodetools import node_modules
+from tests.helpers.broker_node import free_port
+from tests.helpers.env import AMQP_HOST, FIXTURES, make_settings
+from tests.helpers.node_tools import node_modules
 
 if TYPE_CHECKING:
-    from tests.test_worker_support import FakeSimotel
+    from tests.helpers.worker import FakeSimotel
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
