@@ -113,7 +113,7 @@ class Settler:
             await self._hand_back(message)
             return None
         await _finish(message, ack=True)
-        self.metrics.commands.labels(source=published.source or "_", status=published.status).inc()
+        self.metrics.settled(published.source, published.status)
         log.info(
             "command settled",
             status=published.status,

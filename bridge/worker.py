@@ -373,6 +373,7 @@ async def run_worker(
     metrics = metrics or WorkerMetrics(CollectorRegistry())
     publisher = Publisher(broker)
     clients = make_clients(settings, metrics, transport)
+    metrics.show_sources(clients)
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     store = await open_state_store(settings.worker, owner=owner)
     worker = Worker(settings, broker, publisher, clients, store, metrics)
