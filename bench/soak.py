@@ -2,7 +2,7 @@
 
 Runs the bridge as users run it (`python -m bridge.cli run -c FILE`: ingress, component RPC and
 command worker in one child process) against a private RabbitMQ node of its own
-(tests/brokernode.py; the system broker is never touched) and the built-in Simotel simulator's
+(tests/broker_node.py; the system broker is never touched) and the built-in Simotel simulator's
 API v4 (served by this script), then for N minutes sends event webhooks over HTTP and commands
 over AMQP at moderate steady rates, restarts the broker once in the middle, and reports:
 
@@ -57,8 +57,8 @@ from bridge.commands import parse_result  # noqa: E402
 from bridge.config import LogSettings  # noqa: E402
 from bridge.simulator import Faults, SimState, SimulatorOptions, simulator  # noqa: E402
 from bridge.topology import command_key  # noqa: E402
-from tests.brokernode import PrivateBroker, free_port  # noqa: E402
-from tests.sinkkit import check_delivery, declare_audit, percentile  # noqa: E402
+from tests.helpers.broker_node import PrivateBroker, free_port  # noqa: E402
+from tests.helpers.sink import check_delivery, declare_audit, percentile  # noqa: E402
 
 AUTH = ("simotel", "soak-secret")
 REPLAYED = "simotel_bridge_spool_replayed_total"

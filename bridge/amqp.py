@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, cast
 
 import aio_pika
@@ -26,6 +26,7 @@ import structlog
 from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
+    AbstractRobustChannel,
     AbstractRobustConnection,
     UnderlayConnection,
 )
@@ -73,6 +74,114 @@ async def connect_first(
     if failure is None:
         raise ValueError("no broker URL")
     raise failure
+
+
+class Backoff:
+    """The retry schedule of every loop that waits for the broker: `base` seconds, doubled after
+    each failure up to `cap`, each pause drawn from its upper part (`jitter` = 0.2: 80-100 %) so
+    a fleet of bridges does not retry in lockstep. `reset()` after a success.
+
+    The schedules in use are named below, so what each loop does can be read in one place."""
+
+    def __init__(
+        self,
+        base: float,
+        cap: float,
+        *,
+        jitter: float = 0.2,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.base = base
+        self.cap = max(cap, base)
+        self.jitter = jitter
+        self._rand = rand
+        self._delay = base
+
+    def next(self) -> float:
+        """The pause before the next attempt; the one after it is twice as long (capped)."""
+        delay = self._delay
+        self._delay = min(delay * 2, self.cap)
+        return delay * (1 - self.jitter * self._rand())
+
+    def reset(self) -> None:
+        self._delay = self.base
+
+    async def wait(
+        self, stop: asyncio.Event | None = None, *, at_most: float | None = None
+    ) -> None:
+        """Pause for `next()` seconds (no longer than `at_most`), or until `stop` is set."""
+        pause = self.next() if at_most is None else min(self.next(), max(at_most, 0.0))
+        if stop is None:
+            await asyncio.sleep(pause)  # a retry pause, by design
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(pause):
+                await stop.wait()
+
+
+# The schedules of the loops that wait for the broker (seconds: first pause, longest pause).
+CONNECT_BACKOFF = (0.5, 30.0)  # Broker.connect(wait=False) until the broker first answers
+RECONSUME_BACKOFF = (0.5, 10.0)  # consuming again on a reopened channel
+RESULT_BACKOFF = (0.25, 5.0)  # publishing a command's result again until it is confirmed
+REPLAY_BACKOFF = (0.1, 5.0)  # the spool's replayer while nothing goes through
+
+
+async def keep_consuming(
+    consume: Callable[[], Awaitable[None]],
+    *,
+    what: str,
+    stopped: Callable[[], bool],
+    on_failure: Callable[[], None] | None = None,
+    attempt_timeout: float = 10.0,
+    backoff: Backoff | None = None,
+) -> bool:
+    """Call `consume` until it works (True) or `stopped()` (False): each attempt bounded by
+    `attempt_timeout`, failures retried with RECONSUME_BACKOFF. `on_failure` runs after each
+    failed attempt (e.g. to drop a channel aiormq closed underneath its robust wrapper).
+
+    aio-pika restores a consumer only on a queue it declared itself: a consumer on a queue that
+    is looked up (a quorum queue still recovering after a broker crash must not hold up the
+    whole reconnection) or on the direct reply-to pseudo-queue is consumed again with this,
+    from a reopen callback (`on_reopen`)."""
+    pauses = backoff or Backoff(*RECONSUME_BACKOFF)
+    while not stopped():
+        try:
+            async with asyncio.timeout(attempt_timeout):
+                await consume()
+            return True
+        except Exception as exc:
+            log.warning(f"cannot consume {what} yet, retrying", error=repr(exc))
+            if on_failure is not None:
+                on_failure()
+        await pauses.wait()
+    return False
+
+
+def on_reopen(
+    channel: AbstractChannel,
+    consume: Callable[[], Awaitable[None]],
+    tasks: set[asyncio.Task[Any]],
+    *,
+    what: str,
+    stopped: Callable[[], bool],
+    on_failure: Callable[[], None] | None = None,
+) -> None:
+    """Consume again (`keep_consuming`, in the background, the task kept in `tasks`) whenever
+    the robust `channel` reopens after a reconnect. A plain channel is never reopened."""
+    if not isinstance(channel, AbstractRobustChannel):
+        return
+
+    def reopened(_: object) -> None:
+        if stopped():
+            return
+        task = asyncio.create_task(
+            keep_consuming(consume, what=what, stopped=stopped, on_failure=on_failure),
+            name=f"reconsume-{what}",
+        )
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    channel.reopen_callbacks.add(reopened)
 
 
 def topology_refused(exc: aiormq.exceptions.ChannelPreconditionFailed) -> ConfigError:
@@ -294,7 +403,7 @@ class Broker:
             log.warning("declaring the topology after a reconnect failed", error=repr(exc))
 
     async def _connect_forever(self, declare: bool) -> None:
-        delay = 0.5
+        pauses = Backoff(*CONNECT_BACKOFF)
         while True:
             try:
                 await self._connect_once(declare)
@@ -302,9 +411,8 @@ class Broker:
             except ConfigError as exc:  # an operator can fix the queue: keep trying, loudly
                 log.error("the broker refused the topology, retrying", error=str(exc))
             except (PublishError, *aio_pika.exceptions.CONNECTION_EXCEPTIONS) as exc:
-                log.warning("broker unreachable, retrying", error=str(exc), retry_in_s=delay)
-            await asyncio.sleep(delay * random.uniform(0.8, 1.0))
-            delay = min(delay * 2, _BackoffConnection.RECONNECT_CAP)
+                log.warning("broker unreachable, retrying", error=str(exc))
+            await pauses.wait()
 
     async def channel(
         self, *, prefetch: int | None = None, confirms: bool = True

@@ -149,11 +149,9 @@ def _tail_since(args: argparse.Namespace) -> int:
 
 
 def _stop_on_signals(stop: asyncio.Event) -> None:
-    import signal
+    from bridge.signals import install_signals
 
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    install_signals(stop, second_exit_code=130)
 
 
 def _when(text: str) -> datetime:
@@ -169,9 +167,6 @@ def _when(text: str) -> datetime:
 def cmd_replay(args: argparse.Namespace) -> int:
     """Exit 0 when the window was replayed, 130 when interrupted (what was confirmed is
     reported), 1 on an error (nothing in flight is left unconfirmed)."""
-    import os
-    import signal
-
     from bridge.replay import Target, replay
 
     settings = _settings(args)
@@ -183,15 +178,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-
-        def on_signal() -> None:
-            if stop.is_set():
-                os._exit(130)  # a second signal: at once
-            stop.set()
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, on_signal)
+        _stop_on_signals(stop)  # a second signal: at once, 130
         summary = await replay(
             settings.amqp.endpoints(),
             args.since,

@@ -15,7 +15,7 @@ import binascii
 import mimetypes
 import re
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -507,6 +507,50 @@ def make_result(cmd: Command, outcome: Outcome, attempts: int, duration_ms: int)
         reason=outcome.reason,
         file=outcome.file,
         content_type=outcome.content_type,
+    )
+
+
+def make_rejected(cmd: Command, reason: str, detail: str) -> Result:
+    """A valid command the worker will not run (e.g. its message_id names another command)."""
+    return Result(cmd.command_id, cmd.action, cmd.source, "rejected", error=detail, reason=reason)
+
+
+def make_unknown(cmd: Command) -> Result:
+    """A command that is not retry-safe and may already have been sent: never sent again."""
+    return Result(
+        cmd.command_id,
+        cmd.action,
+        cmd.source,
+        "unknown",
+        error="interrupted while in flight: it may or may not have run, so it is not sent again",
+        reason="interrupted",
+    )
+
+
+def make_expired(cmd: Command) -> Result:
+    return Result(
+        cmd.command_id,
+        cmd.action,
+        cmd.source,
+        "expired",
+        error="deadline passed",
+        reason="deadline",
+    )
+
+
+UNPUBLISHABLE = "result_unpublishable"
+
+
+def safe_result(result: Result, why: str) -> Result:
+    """What is published instead of a result the broker refuses: the same command, status and
+    HTTP status, without its response or file, saying why (reason `result_unpublishable`)."""
+    return replace(
+        result,
+        response=None,
+        file=None,
+        content_type=None,
+        error=wire.cut(f"the result could not be published, its response is left out: {why}", 500),
+        reason=UNPUBLISHABLE,
     )
 
 

@@ -24,10 +24,11 @@ make the broker close the connection that every call and event share. An answer 
 within the deadline whatever the responder sends: its size before it is parsed, the SmartApi
 script's length and command count while it is parsed.
 
-The pure part (validation, fallback resolution, deadlines) comes first; `ComponentRpc` is the
-thin aio-pika adapter: one channel per process with publisher confirms (the only way aiormq
-reports a returned mandatory publish) that also consumes `amq.rabbitmq.reply-to`, and a dict
-correlation_id → Future.
+The pure part (validation, fallback resolution, deadlines, request headers, the audit event) is
+`bridge.answers`; `ComponentRpc` is the thin aio-pika adapter: one channel per process with
+publisher confirms (the only way aiormq reports a returned mandatory publish) that also consumes
+`amq.rabbitmq.reply-to`, and a dict correlation_id → Future. `ComponentEvents` is the
+`publish_as_event` side channel; the metrics are `bridge.metrics.ComponentMetrics`.
 """
 
 from __future__ import annotations
@@ -36,51 +37,71 @@ import asyncio
 import time
 import uuid
 from collections import OrderedDict
-from datetime import UTC, datetime
-from typing import Any, Literal, Protocol, get_args
+from typing import Any, Protocol
 
 import aio_pika
 import aio_pika.exceptions
 import orjson
 import structlog
-from aio_pika.abc import (
-    AbstractChannel,
-    AbstractExchange,
-    AbstractIncomingMessage,
-    AbstractRobustChannel,
-)
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 from aiormq.exceptions import ChannelInvalidStateError
-from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from bridge import smartapi, wire
-from bridge.amqp import Broker, Publisher, json_message
+from bridge import wire
+from bridge.amqp import Broker, Publisher, json_message, on_reopen
+from bridge.answers import (
+    COMPONENTS,
+    DEFAULT_FALLBACK,
+    DEFAULT_MAX_ANSWER_BYTES,
+    DIALPLAN_UNSAFE,
+    ERROR_TYPE,
+    Answer,
+    Component,
+    InvalidAnswer,
+    Outcome,
+    component_event,
+    deadline_s,
+    decide,
+    event_name,
+    fallback_problems,
+    request_headers,
+    resolve_fallback,
+    validate_answer,
+)
 from bridge.config import ComponentSettings, Settings
 from bridge.errors import BridgeError, ConfigError, WebhookError
-from bridge.topology import component_key, event_key, sanitise
-from bridge.translate import OutgoingEvent, call_id, checked
+from bridge.metrics import ComponentMetrics
+from bridge.topology import component_key
+from bridge.translate import OutgoingEvent
+
+# The pure part lives in bridge.answers; these names are kept importable from here.
+__all__ = [
+    "COMPONENTS",
+    "DEFAULT_FALLBACK",
+    "DEFAULT_MAX_ANSWER_BYTES",
+    "DEFAULT_MAX_IN_FLIGHT",
+    "DIALPLAN_UNSAFE",
+    "ERROR_TYPE",
+    "REPLY_TO",
+    "Answer",
+    "Component",
+    "ComponentEvents",
+    "ComponentMetrics",
+    "ComponentRpc",
+    "EventSink",
+    "InvalidAnswer",
+    "Outcome",
+    "component_event",
+    "deadline_s",
+    "decide",
+    "event_name",
+    "fallback_problems",
+    "resolve_fallback",
+    "validate_answer",
+]
 
 log = structlog.get_logger("bridge.components")
 
-Component = Literal["SmartApi", "ExtenApi", "TrunkApi", "IvrApi"]
-COMPONENTS: tuple[Component, ...] = get_args(Component)
-Outcome = Literal[
-    "answered",
-    "fallback-no-route",
-    "fallback-timeout",
-    "fallback-invalid",
-    "fallback-unavailable",
-    "fallback-overload",
-]
-Answer = dict[str, str]
-
-# Used when nothing is configured. `{"ok": "0"}` is the official packages' explicit failure:
-# SmartApi documents that a failed or incorrect reply leaves through output `e`, and ExtenApi /
-# TrunkApi leave through `F`. Configure a real answer (an operator extension, an IVR case) for
-# anything that must not fail.
-DEFAULT_FALLBACK: Answer = {"ok": "0"}
 REPLY_TO = "amq.rabbitmq.reply-to"
-# Message type a responder uses to say "I failed": the fallback is taken at once.
-ERROR_TYPE = "error"
 # Time kept back from the deadline to serialise and write the answer.
 SEND_MARGIN_S = 0.003
 _REMEMBER_EXPIRED = 4096
@@ -89,222 +110,12 @@ _REMEMBER_EXPIRED = 4096
 # ends at its deadline, so the number in flight is at most calls/s x deadline: 2048 is 2560
 # calls per second at 800 ms, beyond any PBX. It is a memory guard, not a throttle.
 DEFAULT_MAX_IN_FLIGHT = 2048
-# Replies larger than this are refused before they are parsed. The largest valid answer (a
-# SmartApi script of 64 commands) is about 20 KB.
-DEFAULT_MAX_ANSWER_BYTES = 65536
-
-
-class InvalidAnswer(ValueError):
-    """A responder's answer cannot be sent to Simotel."""
-
-
-# --- pure core ------------------------------------------------------------------------------
-
-
-def _text(answer: dict[str, Any], key: str) -> str:
-    value = answer.get(key)
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)
-    if not isinstance(value, str):
-        raise InvalidAnswer(f"{key!r} must be a string")
-    return value
-
-
-def _dialable(answer: dict[str, Any], key: str) -> str:
-    value = _text(answer, key)
-    if not smartapi.DIALABLE.fullmatch(value):
-        raise InvalidAnswer(f"{key!r} must match {smartapi.DIALABLE.pattern}, got {value!r}")
-    return value
-
-
-# Characters the dialplan gives a meaning to where TrunkApi's trunk and IvrApi's case end up:
-# `&` joins dial targets, `${...}` expands a variable or a function, `|` is the old separator.
-DIALPLAN_UNSAFE = frozenset("&${}|")
-
-
-def _safe(answer: dict[str, Any], key: str) -> str:
-    """A text value of a TrunkApi / IvrApi answer: SmartApi's text rules (no quotes, separators,
-    look-alikes or control characters) and none of DIALPLAN_UNSAFE."""
-    try:
-        value = smartapi.check_text(_text(answer, key), repr(key))
-    except smartapi.SmartApiError as exc:
-        raise InvalidAnswer(str(exc)) from None
-    bad = DIALPLAN_UNSAFE.intersection(value)
-    if bad:
-        raise InvalidAnswer(f"{key!r} must not contain {''.join(sorted(bad))!r}")
-    return value
-
-
-def validate_answer(component: str, answer: object) -> Answer:
-    """Check an answer against what `component` needs and return it in canonical form: string
-    values, only the keys Simotel reads, SmartApi commands re-rendered from the parsed script.
-    `{"ok": "0"}` (explicit failure) is valid for every component. Raises InvalidAnswer."""
-    if not isinstance(answer, dict):
-        raise InvalidAnswer("the answer must be a JSON object")
-    ok = answer.get("ok")
-    if ok in ("0", 0) and not isinstance(ok, bool):
-        return {"ok": "0"}
-    if ok not in ("1", 1) or isinstance(ok, bool):
-        raise InvalidAnswer('"ok" must be "1" (or "0" for an explicit failure)')
-    if component == "ExtenApi":
-        return {"ok": "1", "extension": _dialable(answer, "extension")}
-    if component == "TrunkApi":
-        limit = _text(answer, "call_limit")
-        if not limit.isascii() or not limit.isdigit() or len(limit) > 7:
-            raise InvalidAnswer(f"'call_limit' must be a number of seconds, got {limit!r}")
-        return {
-            "ok": "1",
-            "trunk": _safe(answer, "trunk"),
-            "extension": _dialable(answer, "extension"),
-            "call_limit": str(int(limit)),
-        }
-    if component == "IvrApi":
-        return {"ok": "1", "case": _safe(answer, "case")}
-    if component == "SmartApi":
-        try:
-            script = smartapi.build(smartapi.parse(_text(answer, "commands")))
-        except smartapi.SmartApiError as exc:
-            raise InvalidAnswer(f"'commands': {exc}") from None
-        return {"ok": "1", "commands": script}
-    raise InvalidAnswer(f"unknown component {component!r}")
-
-
-def resolve_fallback(cs: ComponentSettings, component: str, app_name: str) -> Answer:
-    """The most specific configured fallback: `Component.app_name` (as sent, then sanitised),
-    then `Component`, then DEFAULT_FALLBACK. Configured fallbacks are checked at start-up."""
-    for key in (f"{component}.{app_name}", f"{component}.{sanitise(app_name)}", component):
-        if key in cs.fallbacks:
-            return validate_answer(component, cs.fallbacks[key])
-    return dict(DEFAULT_FALLBACK)
-
-
-def deadline_s(cs: ComponentSettings, component: str) -> float:
-    return cs.deadlines_ms.get(component, cs.deadline_ms) / 1000
-
-
-def fallback_problems(settings: Settings) -> list[tuple[str, str]]:
-    """Every configured fallback that is not a valid answer, as (config key, problem)."""
-    problems = []
-    for source, ss in settings.sources.items():
-        for key, answer in ss.components.fallbacks.items():
-            try:
-                validate_answer(key.split(".", 1)[0], answer)
-            except InvalidAnswer as exc:
-                problems.append((f"sources.{source}.components.fallbacks.{key}", str(exc)))
-    return problems
-
-
-def decide(
-    component: str,
-    reply_type: str | None,
-    body: bytes,
-    max_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
-) -> tuple[Outcome, Answer | None, str]:
-    """Turn a responder's reply into (outcome, answer or None for the fallback, reason). A
-    reply over `max_bytes` is refused before anything is parsed."""
-    if len(body) > max_bytes:
-        return "fallback-invalid", None, f"the answer is over {max_bytes} bytes"
-    if reply_type == ERROR_TYPE:
-        return "fallback-invalid", None, "responder error: " + body[:200].decode(errors="replace")
-    try:
-        return "answered", validate_answer(component, orjson.loads(body)), ""
-    except orjson.JSONDecodeError:
-        return "fallback-invalid", None, "the answer is not JSON"
-    except InvalidAnswer as exc:
-        return "fallback-invalid", None, str(exc)
-
-
-def event_name(component: str) -> str:
-    """Event name under which a component request is also published to the events exchange
-    (routing key `{source}.Component{Name}`, e.g. `simotel.ComponentSmartApi`)."""
-    return f"Component{component}"
-
-
-def component_event(
-    exchange: str,
-    source: str,
-    component: str,
-    fields: dict[str, Any],
-    message_id: str,
-    outcome: Outcome,
-    answer: Answer,
-    now: float | None = None,
-) -> OutgoingEvent:
-    """A component request as an event (publish_as_event): the fields as Simotel sent them,
-    the event headers of CONTRACT §4, plus `component`, `app_name`, `outcome` and `answer`."""
-    received = time.time() if now is None else now
-    name = event_name(component)
-    headers = {
-        "source": source,
-        "event": name,
-        "received_at": datetime.fromtimestamp(received, UTC).isoformat(timespec="microseconds"),
-        "component": component,
-        "app_name": str(fields.get("app_name") or ""),
-        "outcome": outcome,
-        "answer": orjson.dumps(answer).decode(),
-    }
-    cid = call_id(fields)
-    if cid is not None:
-        headers["call_id"] = cid
-    # The body keeps every field as sent; a header over its budget is cut and listed in
-    # `truncated`, so the event can always be published (and never blocks the spool).
-    return checked(
-        OutgoingEvent(
-            exchange=exchange,
-            routing_key=event_key(source, name),
-            body=orjson.dumps(fields),
-            message_id=message_id,
-            event=name,
-            source=source,
-            call_id=cid,
-            timestamp=received,
-            headers=wire.bound_headers(headers, {"answer": wire.ANSWER_HEADER_MAX}),
-        )
-    )
 
 
 class EventSink(Protocol):
     """Where component events go (the ingress's sink: broker confirm or the local spool)."""
 
     async def accept(self, event: OutgoingEvent) -> str: ...
-
-
-# --- metrics --------------------------------------------------------------------------------
-
-
-class ComponentMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter(
-            "simotel_bridge_component_requests",
-            "Component requests by outcome",
-            ["source", "component", "outcome"],
-            registry=registry,
-        )
-        self.latency = Histogram(
-            "simotel_bridge_component_latency_seconds",
-            "Time from the request reaching the bridge to the answer being ready",
-            ["component", "outcome"],
-            buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.8, 1.0, 2.0),
-            registry=registry,
-        )
-        self.oversized = Counter(
-            "simotel_bridge_component_oversized_answers",
-            "Answers refused unparsed because they were over max_answer_bytes",
-            ["component"],
-            registry=registry,
-        )
-        self.late = Counter(
-            "simotel_bridge_component_late_answers",
-            "Answers that arrived after their deadline (dropped)",
-            ["component"],
-            registry=registry,
-        )
-        self.events_failed = Counter(
-            "simotel_bridge_component_events_failed",
-            "Component requests that could not be published as events",
-            ["source"],
-            registry=registry,
-        )
 
 
 # --- the RPC adapter ------------------------------------------------------------------------
@@ -329,14 +140,14 @@ class ComponentRpc:
         self.broker = broker
         self.settings = settings
         self.metrics = metrics
-        self._events = events
-        self._publisher: Publisher | None = None
+        self.events = ComponentEvents(settings.amqp.exchanges.events, metrics, events)
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
         self._pending: dict[str, tuple[asyncio.Future[tuple[str | None, bytes]], str]] = {}
         self._expired: OrderedDict[str, str] = OrderedDict()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._parked: set[asyncio.Task[Any]] = set()  # consuming replies again after a reconnect
         self._replies = False
+        self._closing = False
         self.max_in_flight = max_in_flight
 
     @property
@@ -349,27 +160,25 @@ class ComponentRpc:
         name = self.settings.amqp.exchanges.components
         self._exchange = await channel.get_exchange(name, ensure=False)
         await self._consume_replies()
-        # aio-pika restores consumers only of queues it declared, and the reply-to pseudo-queue
-        # cannot be declared: consume again whenever the robust channel is reopened.
+        # The reply-to pseudo-queue cannot be declared, so aio-pika does not restore its
+        # consumer: consume again whenever the robust channel is reopened.
         channel.close_callbacks.add(self._on_channel_closed)
-        if isinstance(channel, AbstractRobustChannel):
-            channel.reopen_callbacks.add(self._on_channel_reopened)
-        wants_events = any(s.components.publish_as_event for s in self.settings.sources.values())
-        if wants_events and self._events is None:
-            self._publisher = Publisher(self.broker)
-            await self._publisher.start()
-            self._events = _PublisherSink(self._publisher)
+        on_reopen(
+            channel,
+            self._consume_replies_again,
+            self._parked,
+            what="component replies",
+            stopped=lambda: self._closing,
+        )
+        if any(s.components.publish_as_event for s in self.settings.sources.values()):
+            await self.events.start(self.broker)
 
     async def close(self, grace: float = 5.0) -> None:
         """Wait (bounded) for event publishes in flight, then close the channel."""
-        if self._tasks:
-            _, late = await asyncio.wait(self._tasks, timeout=grace)
-            for task in late:
-                task.cancel()
-            if late:
-                log.warning("component events not published at shutdown", count=len(late))
-        if self._publisher is not None:
-            await self._publisher.close()
+        self._closing = True
+        for task in list(self._parked):
+            task.cancel()
+        await self.events.close(grace)
         if self._channel is not None and not self._channel.is_closed:
             await self._channel.close()
 
@@ -379,16 +188,16 @@ class ComponentRpc:
         await queue.consume(self._on_reply, no_ack=True)
         self._replies = True
 
+    async def _consume_replies_again(self) -> None:
+        await self._consume_replies()
+        log.info("component replies consumed again after a reconnect")
+
     def _on_channel_closed(self, _: object, exc: BaseException | None = None) -> None:
         """Calls waiting on this channel cannot get their reply any more: fall back now."""
         self._replies = False
         for future, _component in self._pending.values():
             if not future.done():
                 future.set_exception(ChannelInvalidStateError(f"channel closed: {exc!r}"))
-
-    async def _on_channel_reopened(self, _: object) -> None:
-        await self._consume_replies()
-        log.info("component replies consumed again after a reconnect")
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         cid = message.correlation_id or ""
@@ -443,12 +252,8 @@ class ComponentRpc:
             log.debug("component answered", **ctx, ms=round(elapsed * 1000, 2))
         else:
             log.info("component fallback", **ctx, reason=reason, ms=round(elapsed * 1000, 2))
-        if ss.components.publish_as_event and self._events is not None:
-            task = asyncio.create_task(
-                self._publish_event(source, component, fields, cid, outcome, answer)
-            )
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        if ss.components.publish_as_event:
+            self.events.publish(source, component, fields, cid, outcome, answer)
         return answer
 
     async def _ask(
@@ -481,7 +286,7 @@ class ComponentRpc:
                     expiration_ms=left_ms,
                     persistent=False,
                     timestamp=time.time(),
-                    headers=self._headers(source, component, app_name, fields, left_ms),
+                    headers=request_headers(source, component, app_name, fields, left_ms),
                 )
                 key = component_key(source, component, app_name)
                 wire.check(key, message.properties)
@@ -508,23 +313,32 @@ class ComponentRpc:
         finally:
             self._pending.pop(cid, None)
 
-    @staticmethod
-    def _headers(
-        source: str, component: str, app_name: str, fields: dict[str, Any], left_ms: int
-    ) -> dict[str, Any]:
-        deadline = datetime.fromtimestamp(time.time() + left_ms / 1000, UTC)
-        headers: dict[str, Any] = {
-            "source": source,
-            "component": component,
-            "app_name": app_name,
-            "deadline": deadline.isoformat(timespec="milliseconds"),
-        }
-        cid = call_id(fields)
-        if cid:
-            headers["call_id"] = cid
-        return wire.bound_headers(headers)
 
-    async def _publish_event(
+# --- the event side channel (publish_as_event) ---------------------------------------------
+
+
+class ComponentEvents:
+    """Each component request also published as an event (`publish_as_event`), in the
+    background: an event never delays an answer, and one that cannot be published is counted
+    and logged, never raised. Goes to the given sink (the ingress's: broker or spool), or, when
+    there is none, to a publisher of its own started by `start()`."""
+
+    def __init__(
+        self, exchange: str, metrics: ComponentMetrics, sink: EventSink | None = None
+    ) -> None:
+        self.exchange = exchange
+        self.metrics = metrics
+        self._sink = sink
+        self._publisher: Publisher | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self, broker: Broker) -> None:
+        if self._sink is None:
+            self._publisher = Publisher(broker)
+            await self._publisher.start()
+            self._sink = _PublisherSink(self._publisher)
+
+    def publish(
         self,
         source: str,
         component: str,
@@ -533,21 +347,32 @@ class ComponentRpc:
         outcome: Outcome,
         answer: Answer,
     ) -> None:
-        assert self._events is not None
+        if self._sink is None:
+            return
         event = component_event(
-            self.settings.amqp.exchanges.events,
-            source,
-            component,
-            fields,
-            message_id,
-            outcome,
-            answer,
+            self.exchange, source, component, fields, message_id, outcome, answer
         )
+        task = asyncio.create_task(self._accept(self._sink, event))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _accept(self, sink: EventSink, event: OutgoingEvent) -> None:
         try:
-            await self._events.accept(event)
+            await sink.accept(event)
         except BridgeError as exc:
-            self.metrics.events_failed.labels(source).inc()
-            log.warning("component event not published", source=source, error=str(exc))
+            self.metrics.events_failed.labels(event.source).inc()
+            log.warning("component event not published", source=event.source, error=str(exc))
+
+    async def close(self, grace: float) -> None:
+        """Wait (bounded) for the events in flight, then close the own publisher."""
+        if self._tasks:
+            _, late = await asyncio.wait(self._tasks, timeout=grace)
+            for task in late:
+                task.cancel()
+            if late:
+                log.warning("component events not published at shutdown", count=len(late))
+        if self._publisher is not None:
+            await self._publisher.close()
 
 
 class _PublisherSink:

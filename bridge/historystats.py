@@ -21,28 +21,16 @@ from datetime import UTC, datetime
 import aio_pika.exceptions
 import structlog
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
-from prometheus_client import CollectorRegistry, Gauge
 
 from bridge.amqp import Broker
 from bridge.history import HISTORY_STREAM, event_time, stream_offset
+from bridge.metrics import HistoryMetrics
 
 log = structlog.get_logger("bridge.historystats")
 
+__all__ = ["HistoryMetrics", "peek", "refresh", "watch"]
+
 INTERVAL = 60.0
-
-
-class HistoryMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.oldest_age = Gauge(
-            "simotel_bridge_history_oldest_event_age_seconds",
-            "Age of the oldest event kept in the history stream",
-            registry=registry,
-        )
-        self.events = Gauge(
-            "simotel_bridge_history_events",
-            "Events in the history stream (a lower bound, short by less than one chunk)",
-            registry=registry,
-        )
 
 
 async def peek(

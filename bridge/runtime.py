@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
 from typing import Any
 
 import structlog
@@ -19,29 +17,16 @@ from bridge.config import Settings
 from bridge.errors import BridgeError, ConfigError
 from bridge.ingress import create_app, listener_guard
 from bridge.metrics import Metrics
+from bridge.signals import install_signals
 from bridge.sink import EventSink, SpoolMetrics
 
 log = structlog.get_logger("bridge.runtime")
 
+__all__ = ["RoleFailed", "install_signals", "serve"]
+
 
 class RoleFailed(BridgeError):
     """A role (HTTP server, worker) stopped on its own; the process exits non-zero."""
-
-
-def install_signals(stop: asyncio.Event) -> None:
-    """First SIGINT/SIGTERM: graceful stop. Second: exit at once."""
-    loop = asyncio.get_running_loop()
-
-    def handle(sig: signal.Signals) -> None:
-        # Act first, log after: a log line that cannot be written must not block a stop.
-        if stop.is_set():
-            os._exit(1)
-        stop.set()
-        with contextlib.suppress(Exception):
-            log.info("stopping (a second signal exits at once)", signal=sig.name)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, handle, sig)
 
 
 async def serve(settings: Settings, roles: frozenset[str], stop: asyncio.Event) -> None:

@@ -37,12 +37,13 @@ import aiormq.exceptions
 import orjson
 import structlog
 from aiormq import spec
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import Histogram
 
 from bridge import wire
-from bridge.amqp import APP_ID, Publisher
+from bridge.amqp import APP_ID, REPLAY_BACKOFF, Backoff, Publisher
 from bridge.config import Settings
 from bridge.errors import PublishError
+from bridge.metrics import SpoolMetrics
 from bridge.spool import Quarantined, Spool, Spooled, SpoolFull
 from bridge.translate import OutgoingEvent
 
@@ -59,65 +60,6 @@ log = structlog.get_logger("bridge.sink")
 Mode = Literal["broker", "spool"]
 P = ParamSpec("P")
 T = TypeVar("T")
-
-
-class SpoolMetrics:
-    """What an operator asks about the spool: how deep, how old, how much went through it."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        r = registry
-        self.depth = Gauge("simotel_bridge_spool_depth", "Events in the local spool", registry=r)
-        self.bytes = Gauge("simotel_bridge_spool_bytes", "Bytes of events in the spool", registry=r)
-        self.oldest_age = Gauge(
-            "simotel_bridge_spool_oldest_age_seconds",
-            "Age of the oldest spooled event (0 when empty)",
-            registry=r,
-        )
-        self.mode = Gauge(
-            "simotel_bridge_spool_mode", "1 while new events go to the spool, 0 to the broker",
-            registry=r,
-        )  # fmt: skip
-        self.spooled = Counter(
-            "simotel_bridge_spooled",
-            "Events written to the spool, by why: broker_down, publish_failed, behind_spool",
-            ["reason"],
-            registry=r,
-        )
-        self.replayed = Counter(
-            "simotel_bridge_spool_replayed", "Spooled events published and confirmed", registry=r
-        )
-        self.replay_failures = Counter(
-            "simotel_bridge_spool_replay_failures",
-            "Replay attempts that failed (the events stay spooled)",
-            registry=r,
-        )
-        self.full = Counter(
-            "simotel_bridge_spool_full",
-            "Events refused (503) because the spool could not take them, by reason",
-            ["reason"],
-            registry=r,
-        )
-        self.quarantined = Counter(
-            "simotel_bridge_spool_quarantined",
-            "Spooled events moved to the quarantine, by reason: undecodable, unpublishable, "
-            "refused",
-            ["reason"],
-            registry=r,
-        )
-        self.quarantine_depth = Gauge(
-            "simotel_bridge_spool_quarantine_depth",
-            "Events in the spool's quarantine (simotel-bridge spool list)",
-            registry=r,
-        )
-        self.dead_copies = Counter(
-            "simotel_bridge_spool_dead_copies",
-            "Copies of quarantined events to the dead-letter exchange, by outcome: sent, retry, "
-            "failed (given up; the event stays in the quarantine)",
-            ["outcome"],
-            registry=r,
-        )
-        for reason in ("undecodable", "unpublishable", "refused"):
-            self.quarantined.labels(reason)
 
 
 def ordered_window(batch: list[Spooled]) -> list[Spooled]:
@@ -172,7 +114,7 @@ class EventSink:
         publish_timeout: float | None = None,
         confirm_latency: Histogram | None = None,
         replay_window: int = 64,
-        backoff: tuple[float, float] = (0.1, 5.0),
+        backoff: tuple[float, float] = REPLAY_BACKOFF,
         clock: Callable[[], float] = time.time,
         poison_attempts: int = POISON_ATTEMPTS,
         dead_exchange: str = "simotel.dead",
@@ -325,7 +267,7 @@ class EventSink:
         return True
 
     async def _replay_forever(self) -> None:
-        delay = self.backoff[0]
+        pauses = Backoff(*self.backoff)
         while not self._stopping.is_set():
             if self._mode == "broker":
                 if self._dead_copies_due():
@@ -334,8 +276,7 @@ class EventSink:
                     except Exception:  # the replayer must outlive anything unexpected
                         log.exception("replayer: sending dead-letter copies failed")
                     if self._dead_copies_due():  # one failed: try again after a pause
-                        await self._wait_for_broker(delay)
-                        delay = min(delay * 2, self.backoff[1])
+                        await self._wait_for_broker(pauses.next())
                         continue
                 self._wake.clear()
                 await self._wake.wait()
@@ -352,18 +293,18 @@ class EventSink:
             except Exception as exc:
                 self._probe = True
                 self.metrics.replay_failures.inc()
-                log.warning("replay failed, will retry", error=str(exc), retry_in_s=delay)
+                log.warning("replay failed, will retry", error=str(exc))
                 progressed = False
             if progressed:
-                delay = self.backoff[0]
+                pauses.reset()
                 continue
             # Nothing went through: wait for the connection (or a close) with a capped backoff.
+            pause = pauses.next()
             try:
-                await self._wait_for_broker(delay)
+                await self._wait_for_broker(pause)
             except Exception:  # the replayer must outlive anything unexpected: log and go on
                 log.exception("replayer: waiting for the broker failed")
-                await asyncio.sleep(delay)
-            delay = min(delay * 2, self.backoff[1])
+                await asyncio.sleep(pause)
 
     async def _replay_batch(self) -> bool:
         """Publish the oldest events and remove what was confirmed, in order. Returns whether

@@ -2,19 +2,13 @@
 result, and only then acknowledges the command.
 
     delivery -> _handle -> _process (validate, de-duplicate, deadline, lane, execute)
-             -> _settle  (publish result + reply + dead letter, wait for confirms, ack)
+             -> Settler.settle (bridge.settle: publish result + reply + dead letter, wait for
+                                confirms, ack; or hand back)
 
-`_settle` is the one place that acks, hands back (nack + requeue) or dead-letters a command.
-A result the broker does not confirm is published again with exponential backoff (for up to
-`publish_retry_for` seconds, or until shutdown) before the command is handed back; a command is
-also handed back on shutdown, or when something unexpected broke. On the last delivery the
-quorum queue allows (`x-delivery-count` = `amqp.commands_delivery_limit`), a command that would
-be handed back is settled instead, with a `delivery_limit` result and a dead letter, so the
-broker never dead-letters a command without a result while the worker can still publish one.
-
-Every message published for a command has a stable `message_id` derived from the command's:
-`{command_id}` for the result and the reply, `{command_id}:dead` for the dead letter, so a
-result published twice (after a hand-back and a redelivery) can be de-duplicated.
+This module holds the consumer lifecycle (start, consume again after a reconnect, ordered
+shutdown) and what happens before settlement: de-duplication by message_id (one execution per
+message_id in this process, at most once across workers through the state store) and lanes.
+The result constructors are in `bridge.commands`, settlement and its retries in `bridge.settle`.
 
 Lanes: report searches (Endpoint.lane == "slow") run in their own pool of
 `worker.report_prefetch`, everything else in a pool of `worker.prefetch`, so slow searches never
@@ -28,13 +22,11 @@ Run it alone with `simotel-bridge worker -c config.yaml`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import replace
+from collections.abc import Mapping
 from datetime import UTC
 from typing import Any
 
@@ -45,99 +37,38 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
     AbstractQueue,
-    AbstractRobustChannel,
     ConsumerTag,
 )
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 
-from bridge import wire
-from bridge.amqp import Broker, Publisher, Unroutable, close_quietly, json_message
+from bridge.amqp import Broker, Publisher, close_quietly, on_reopen
 from bridge.commands import (
-    MAX_HEADER_TEXT,
-    STATUSES,
     Command,
     Envelope,
     InvalidCommand,
     Result,
     build_request,
-    copied_headers,
-    delivery_count,
     describe_invalid,
     is_expired,
-    is_last_delivery,
-    make_delivery_limit,
+    make_expired,
+    make_rejected,
     make_result,
-    needs_dead_letter,
+    make_unknown,
     parse_command,
-    result_key,
-    result_message,
     safe_id,
 )
 from bridge.config import Settings
-from bridge.errors import ConfigError, PublishError
+from bridge.errors import ConfigError
+from bridge.metrics import WorkerMetrics
+from bridge.settle import PUBLISH_RETRY_DELAY, PUBLISH_RETRY_FOR, Settler
 from bridge.simotel import SimotelClient
-from bridge.sink import is_refusal
 from bridge.state import StateStore, open_state_store
+
+__all__ = ["Worker", "WorkerMetrics", "envelope_of", "make_clients", "run_worker"]
 
 log = structlog.get_logger("bridge.worker")
 
 _PURGE_EVERY = 3600.0
-PUBLISH_RETRY_FOR = 30.0  # seconds a result is re-published before the command is handed back
-PUBLISH_RETRY_DELAY = 0.25  # first pause between attempts; doubled each time
-PUBLISH_RETRY_MAX_DELAY = 5.0
-REFUSALS_BEFORE_SAFE_RESULT = 3  # refusals of one result before a safe one replaces it
-UNPUBLISHABLE = "result_unpublishable"
-# Raised by aiormq/pamqp while encoding a frame, before anything is sent: never the broker.
-ENCODING_ERRORS = (ValueError, TypeError, OverflowError)
-
-
-class WorkerMetrics:
-    """The worker's Prometheus metrics, registered on the given registry."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.commands = Counter(
-            "simotel_bridge_commands_total",
-            "Commands settled, by source and result status.",
-            ["source", "status"],
-            registry=registry,
-        )
-        self.duplicates = Counter(
-            "simotel_bridge_command_duplicates_total",
-            "Commands answered with the result of an earlier command with the same message_id.",
-            registry=registry,
-        )
-        self.handed_back = Counter(
-            "simotel_bridge_commands_handed_back_total",
-            "Commands returned to the queue (shutdown, unconfirmed result, unexpected error).",
-            registry=registry,
-        )
-        self.publish_failures = Counter(
-            "simotel_bridge_result_publish_failures_total",
-            "Attempts to publish a result (or its reply or dead letter) the broker did not "
-            "confirm; each is retried with backoff before the command is handed back.",
-            registry=registry,
-        )
-        self.unpublishable = Counter(
-            "simotel_bridge_results_unpublishable_total",
-            "Results the broker refused (too large, cannot be encoded, nacked): replaced by a "
-            "result without its response (reason result_unpublishable) and a dead letter.",
-            registry=registry,
-        )
-        self.in_flight = Gauge(
-            "simotel_bridge_commands_in_flight",
-            "Commands being executed, by lane.",
-            ["lane"],
-            registry=registry,
-        )
-        self.simotel_latency = Histogram(
-            "simotel_bridge_simotel_request_seconds",
-            "Duration of one HTTP request to Simotel, by source and endpoint kind.",
-            ["source", "kind"],
-            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
-            registry=registry,
-        )
-        for status in STATUSES:  # make every status visible at 0
-            self.commands.labels(source="_", status=status)
 
 
 def envelope_of(message: AbstractIncomingMessage, received_at: float) -> Envelope:
@@ -178,8 +109,6 @@ class Worker:
         self.clients = clients
         self.store = store
         self.metrics = metrics
-        self.publish_retry_for = publish_retry_for
-        self.publish_retry_delay = publish_retry_delay
         w = settings.worker
         self._lanes = {
             "fast": asyncio.Semaphore(w.prefetch),
@@ -194,8 +123,16 @@ class Worker:
         self._queue: AbstractQueue | None = None
         self._tag: ConsumerTag | None = None
         self._purged_at = 0.0
-        q = settings.amqp.queues
-        self._own_queues = frozenset({q.commands, q.dead, q.unrouted})
+        self.settler = Settler(
+            settings,
+            publisher,
+            store,
+            metrics,
+            clients.keys(),
+            self._stopped,
+            publish_retry_for=publish_retry_for,
+            publish_retry_delay=publish_retry_delay,
+        )
 
     @property
     def window(self) -> int:
@@ -204,13 +141,23 @@ class Worker:
 
     async def start(self) -> None:
         await self._purge()
-        self._channel = await self.broker.channel(prefetch=self.window, confirms=False)
+        self._channel = await self._open_channel()
         await self._consume()
+
+    async def _open_channel(self) -> AbstractChannel:
+        channel = await self.broker.channel(prefetch=self.window, confirms=False)
         # aio-pika does not restore this consumer (the queue is looked up, not declared, so a
         # quorum queue that is still recovering after a broker crash cannot hold up the whole
         # reconnection): consume again, in the background, whenever the channel reopens.
-        if isinstance(self._channel, AbstractRobustChannel):
-            self._channel.reopen_callbacks.add(self._on_reopened)
+        on_reopen(
+            channel,
+            self._consume_again,
+            self._parked,
+            what="commands",
+            stopped=lambda: self._stopping,
+            on_failure=self._drop_channel,
+        )
+        return channel
 
     async def _consume(self) -> None:
         assert self._channel is not None
@@ -220,39 +167,19 @@ class Worker:
         self._tag = await self._queue.consume(self._on_message)
         log.info("worker consuming", queue=self._queue.name, window=self.window)
 
-    def _on_reopened(self, _: object) -> None:
-        if self._stopping:
-            return
-        task = asyncio.create_task(self._consume_again(), name="worker-reconsume")
-        self._parked.add(task)
-        task.add_done_callback(self._parked.discard)
-
     async def _consume_again(self) -> None:
-        """Consume on the reopened channel, retrying (each attempt bounded) until it works or
-        the worker stops: the queue may still be recovering right after a broker restart."""
-        delay = 0.5
-        while not self._stopping:
-            try:
-                async with asyncio.timeout(10):
-                    if self._channel is None:
-                        self._channel = await self.broker.channel(
-                            prefetch=self.window, confirms=False
-                        )
-                        if isinstance(self._channel, AbstractRobustChannel):
-                            self._channel.reopen_callbacks.add(self._on_reopened)
-                    await self._consume()
-                return
-            except Exception as exc:
-                log.warning("cannot consume yet, retrying", error=repr(exc), retry_in_s=delay)
-                # aiormq closes a channel whose consume RPC timed out, while the robust wrapper
-                # still looks open: the next attempt gets a channel of its own.
-                old, self._channel = self._channel, None
-                if old is not None:
-                    closing = asyncio.create_task(close_quietly(old))
-                    self._parked.add(closing)
-                    closing.add_done_callback(self._parked.discard)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+        if self._channel is None:
+            self._channel = await self._open_channel()
+        await self._consume()
+
+    def _drop_channel(self) -> None:
+        """aiormq closes a channel whose consume RPC timed out, while the robust wrapper still
+        looks open: the next attempt gets a channel of its own."""
+        old, self._channel = self._channel, None
+        if old is not None:
+            closing = asyncio.create_task(close_quietly(old))
+            self._parked.add(closing)
+            closing.add_done_callback(self._parked.discard)
 
     async def shutdown(self) -> None:
         """Stop consuming, hand back what has not started, let the rest finish within
@@ -390,196 +317,8 @@ class Worker:
     async def _settle(
         self, message: AbstractIncomingMessage, env: Envelope, result: Result | None
     ) -> None:
-        """THE decision for a delivery: no result -> hand back (on the last allowed delivery,
-        a `delivery_limit` result instead); else publish the result (and the reply, and a dead
-        letter unless ok/failed), retrying until the broker confirms them, then ack. A result
-        that stays unconfirmed hands the command back."""
-        if result is None:
-            if not is_last_delivery(env, self.settings.amqp.commands_delivery_limit):
-                self.metrics.handed_back.inc()
-                await self._finish(message, ack=False)
-                return
-            result = await self._delivery_limit_result(env)
-            log.warning("last delivery allowed: settling instead of handing back")
-        if not await self._publish_result(message, env, result):
-            self.metrics.handed_back.inc()
-            await self._finish(message, ack=False)
-            return
-        await self._finish(message, ack=True)
-        self.metrics.commands.labels(source=result.source or "_", status=result.status).inc()
-        log.info(
-            "command settled",
-            status=result.status,
-            reason=result.reason,
-            http_status=result.http_status,
-            attempts=result.attempts,
-            duration_ms=result.duration_ms,
-        )
+        await self.settler.settle(message, env, result)
         await self._purge()
-
-    async def _publish_result(
-        self, message: AbstractIncomingMessage, env: Envelope, result: Result
-    ) -> bool:
-        """Publish the result, the reply and the dead letter until each is confirmed. Failed
-        attempts are retried with exponential backoff for up to `publish_retry_for` seconds;
-        False when that runs out, the worker is stopping, or the delivery's channel is gone
-        (the broker then redelivers it, and the stored result is published again).
-
-        A result the broker refuses (it cannot be encoded, or it was nacked or made the broker
-        close the channel or connection REFUSALS_BEFORE_SAFE_RESULT times) is replaced by a
-        small one without its response (reason `result_unpublishable`) and a dead letter, so
-        it can neither loop nor be handed back again and again."""
-        steps = self._steps(env, result)
-        task = asyncio.current_task()
-        assert task is not None
-        give_up_at = time.monotonic() + self.publish_retry_for
-        delay = self.publish_retry_delay
-        attempt = 0
-        refusals = 0
-        while True:
-            attempt += 1
-            cancelling = task.cancelling()
-            refused = False
-            try:
-                while steps:  # what is confirmed is not published again
-                    await steps[0]()
-                    steps.pop(0)
-                    refusals = 0
-                return True
-            except PublishError as exc:
-                error = str(exc)
-                refused = is_refusal(exc)
-            except asyncio.CancelledError:
-                if task.cancelling() > cancelling:
-                    raise  # this task is being cancelled
-                # aiormq cancels the pending confirms when the connection drops
-                error = "confirm cancelled: the connection was lost"
-            except ENCODING_ERRORS as exc:  # raised before sending: it can never be published
-                error = f"{type(exc).__name__}: {exc}"[:300]
-                refused, refusals = True, REFUSALS_BEFORE_SAFE_RESULT
-            except Exception as exc:
-                log.exception("publishing the result failed")
-                error = repr(exc)
-            self.metrics.publish_failures.inc()
-            refusals += refused
-            if refusals >= REFUSALS_BEFORE_SAFE_RESULT and result.reason != UNPUBLISHABLE:
-                log.error("the broker refuses this result: publishing a safe one", error=error)
-                self.metrics.unpublishable.inc()
-                result = safe_result(result, error)
-                steps = self._steps(env, result)
-                refusals = 0
-                continue
-            left = give_up_at - time.monotonic()
-            if self._stopping or left <= 0 or _channel_gone(message):
-                log.warning(
-                    "result not confirmed, handing the command back",
-                    error=error,
-                    attempts=attempt,
-                    stopping=self._stopping,
-                )
-                return False
-            pause = min(delay, left)
-            log.warning(
-                "result not confirmed, retrying", error=error, attempt=attempt, retry_in=pause
-            )
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(pause):
-                    await self._stopped.wait()
-            delay = min(delay * 2, PUBLISH_RETRY_MAX_DELAY)
-
-    def _steps(self, env: Envelope, result: Result) -> list[Callable[[], Awaitable[None]]]:
-        """The publishes that settle a command: result, reply, dead letter (as needed)."""
-        key = result_key(result.source, result.action)
-        body, ctype, headers = result_message(result)
-        amqp = self.settings.amqp
-
-        def result_msg() -> aio_pika.Message:
-            return json_message(
-                body,
-                message_id=result.command_id,
-                type="result",
-                headers=headers,
-                timestamp=time.time(),
-                correlation_id=env.correlation_id,
-                content_type=ctype,
-            )
-
-        async def to_results() -> None:
-            await self.publisher.publish(amqp.exchanges.results, key, result_msg(), mandatory=False)
-
-        async def to_reply_to() -> None:
-            assert env.reply_to
-            try:
-                await self.publisher.publish("", env.reply_to, result_msg(), mandatory=True)
-            except Unroutable:
-                log.warning("reply_to queue is gone, result only on the results exchange")
-            except PublishError as exc:
-                if result.reason != UNPUBLISHABLE or not is_refusal(exc):
-                    raise
-                # Even the safe result is refused there: that queue takes nothing from us.
-                log.warning("reply_to queue refuses the result, only on the results exchange")
-
-        async def to_dead() -> None:
-            await self.publisher.publish(amqp.exchanges.dead, key, dead_letter(env, result))
-
-        steps: list[Callable[[], Awaitable[None]]] = [to_results]
-        if env.reply_to and env.reply_to not in self._own_queues:
-            steps.append(to_reply_to)
-        elif env.reply_to:
-            # A result published into the command queue would come back as a (rejected)
-            # command: one message could make the worker answer itself.
-            log.warning("reply_to names one of the bridge's own queues: no reply sent")
-        if needs_dead_letter(result.status) or result.reason == UNPUBLISHABLE:
-            steps.append(to_dead)
-        return steps
-
-    async def _delivery_limit_result(self, env: Envelope) -> Result:
-        """The answer for a command on its last allowed delivery: its stored result if it has
-        one, else `delivery_limit` (`unknown` if it is not retry-safe and may have been sent).
-        It is stored, so a later duplicate of its message_id gets the same answer."""
-        sources = self.clients.keys()
-        action, source = describe_invalid(env, sources)
-        deliveries = delivery_count(env) + 1
-        try:
-            cmd: Command | None = parse_command(env, sources)
-        except InvalidCommand:
-            cmd = None
-        mid = cmd.message_id if cmd is not None else None
-        if cmd is None or mid is None:
-            command_id = safe_id(env.message_id) if env.message_id else uuid.uuid4().hex
-            return make_delivery_limit(
-                command_id, action, source, deliveries=deliveries, may_have_run=False
-            )
-        try:
-            record = await self.store.get(mid)
-        except Exception:
-            log.exception("state store unreadable")
-            record = None
-            may_have_run = not cmd.retry_safe
-        else:
-            may_have_run = not cmd.retry_safe and record is not None
-        if record is not None and record.state == "done" and record.result is not None:
-            return Result.from_json(record.result)
-        result = make_delivery_limit(
-            mid, cmd.action, cmd.source, deliveries=deliveries, may_have_run=may_have_run
-        )
-        try:
-            await self.store.finish(mid, cmd.source, cmd.action, result.to_json())
-        except Exception:
-            log.exception("cannot store the delivery_limit result")
-        return result
-
-    async def _finish(self, message: AbstractIncomingMessage, *, ack: bool) -> None:
-        try:
-            if ack:
-                await message.ack()
-            else:
-                await message.nack(requeue=True)
-        except (
-            aio_pika.exceptions.MessageProcessError,
-            *aio_pika.exceptions.CONNECTION_EXCEPTIONS,
-        ):
-            log.warning("cannot settle: the channel is gone, the broker will redeliver")
 
     async def _purge(self) -> None:
         now = time.time()
@@ -592,77 +331,6 @@ class Worker:
                 return
             if removed:
                 log.info("state store purged", removed=removed)
-
-
-def _channel_gone(message: AbstractIncomingMessage) -> bool:
-    """Whether the channel a delivery came on is closed (aio-pika raises, rather than
-    answering, once it is): its unacked deliveries are going back to the queue."""
-    try:
-        return message.channel.is_closed
-    except aio_pika.exceptions.ChannelInvalidStateError:
-        return True
-
-
-def safe_result(result: Result, why: str) -> Result:
-    """What is published instead of a result the broker refuses: the same command, status and
-    HTTP status, without its response or file, saying why (reason `result_unpublishable`)."""
-    return replace(
-        result,
-        response=None,
-        file=None,
-        content_type=None,
-        error=wire.cut(f"the result could not be published, its response is left out: {why}", 500),
-        reason=UNPUBLISHABLE,
-    )
-
-
-def make_rejected(cmd: Command, reason: str, detail: str) -> Result:
-    return Result(cmd.command_id, cmd.action, cmd.source, "rejected", error=detail, reason=reason)
-
-
-def make_unknown(cmd: Command) -> Result:
-    return Result(
-        cmd.command_id,
-        cmd.action,
-        cmd.source,
-        "unknown",
-        error="interrupted while in flight: it may or may not have run, so it is not sent again",
-        reason="interrupted",
-    )
-
-
-def make_expired(cmd: Command) -> Result:
-    return Result(
-        cmd.command_id,
-        cmd.action,
-        cmd.source,
-        "expired",
-        error="deadline passed",
-        reason="deadline",
-    )
-
-
-def dead_letter(env: Envelope, result: Result) -> aio_pika.Message:
-    """The original command, with `reason` and `status` headers (and the result's error). Its
-    own headers are copied only when small, every text is cut: the dead letter must fit a frame
-    whatever the command carried."""
-    headers = {
-        **copied_headers(env.headers),
-        "reason": result.reason or result.status,
-        "status": result.status,
-        "error": None if result.error is None else wire.cut(result.error, MAX_HEADER_TEXT),
-        "command_id": result.command_id,
-        "source": result.source,
-        "action": result.action,
-    }
-    return json_message(
-        env.body,
-        message_id=f"{result.command_id}:dead",
-        type="dead-command",
-        headers={k: v for k, v in headers.items() if v is not None},
-        timestamp=time.time(),
-        correlation_id=env.correlation_id,
-    )
 
 
 def make_clients(
@@ -705,6 +373,7 @@ async def run_worker(
     metrics = metrics or WorkerMetrics(CollectorRegistry())
     publisher = Publisher(broker)
     clients = make_clients(settings, metrics, transport)
+    metrics.show_sources(clients)
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     store = await open_state_store(settings.worker, owner=owner)
     worker = Worker(settings, broker, publisher, clients, store, metrics)

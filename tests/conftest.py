@@ -5,25 +5,23 @@ used as they are and no test ever sees another's messages."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import aio_pika
 import pytest
 
-from bridge.config import Settings, load_settings
+from bridge.config import Settings
+from tests.helpers.env import AMQP_HOST, FIXTURES, make_settings, rabbitmqctl, rabbitmqctl_path
 
 if TYPE_CHECKING:
-    from tests.test_worker_support import Bus, FakeSimotel
+    from tests.helpers.worker import Bus, FakeSimotel
 
-# Simotel's documented payloads (events and component requests/answers), one JSON file each.
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
-
-AMQP_HOST = os.environ.get("SIMOTEL_BRIDGE_TEST_AMQP_HOST", "127.0.0.1:5672")
+# Kept importable from here for tests written before tests.helpers.env.
+__all__ = ["AMQP_HOST", "BROKER_FIXTURES", "FIXTURES", "make_settings"]
 
 _pending_deletes: list[subprocess.Popen[bytes]] = []
 
@@ -34,11 +32,6 @@ _fresh_vhosts: list[str] = []
 _used_vhosts: list[str] = []
 
 
-def _rabbitmqctl(*args: str) -> None:
-    exe = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
-    subprocess.run([exe, *args], check=True, capture_output=True, timeout=60)
-
-
 def _erlang_names(names: list[str]) -> str:
     return "[" + ",".join(f'<<"{n}">>' for n in names) + "]"
 
@@ -46,7 +39,7 @@ def _erlang_names(names: list[str]) -> str:
 def _make_vhosts(count: int) -> list[str]:
     """`count` new vhosts, guest given full rights, in one rabbitmqctl call."""
     names = [f"test-{uuid.uuid4().hex[:12]}" for _ in range(count)]
-    _rabbitmqctl(
+    rabbitmqctl(
         "eval",
         'lists:foreach(fun(N) -> ok = rabbit_vhost:add(N, <<"tests">>), '
         'ok = rabbit_auth_backend_internal:set_permissions(<<"guest">>, N, <<".*">>, '
@@ -57,10 +50,11 @@ def _make_vhosts(count: int) -> list[str]:
 
 def _delete_vhosts(names: list[str]) -> None:
     """Delete in the background, one rabbitmqctl call for the lot."""
-    exe = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
     code = f'[rabbit_vhost:delete(N, <<"tests">>) || N <- {_erlang_names(names)}], ok.'
     _pending_deletes.append(
-        subprocess.Popen([exe, "eval", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.Popen(
+            [rabbitmqctl_path(), "eval", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
     )
 
 
@@ -100,23 +94,6 @@ def amqp_url(vhost: str) -> str:
     return f"amqp://guest:guest@{AMQP_HOST}/{vhost}"
 
 
-def make_settings(amqp_url: str, tmp_path: Path, **overrides: Any) -> Settings:
-    """Settings for tests: one source `simotel` (webhook simotel/secret) unless overridden."""
-    data: dict[str, Any] = {
-        "amqp": {"url": amqp_url, "publish_timeout": 5.0},
-        "http": {"host": "127.0.0.1", "port": 0},
-        "log": {"level": "warning", "format": "json"},
-        "sources": {
-            "simotel": {"webhook": {"username": "simotel", "password": "secret"}},
-        },
-        "spool": {"path": str(tmp_path / "spool.sqlite3")},
-        "worker": {"state_path": str(tmp_path / "worker.sqlite3")},
-    }
-    for key, value in overrides.items():
-        data[key] = value
-    return load_settings(data=data, environ={})
-
-
 @pytest.fixture
 def settings(amqp_url: str, tmp_path: Path) -> Settings:
     return make_settings(amqp_url, tmp_path)
@@ -136,7 +113,7 @@ async def amqp(amqp_url: str) -> AsyncIterator[aio_pika.abc.AbstractRobustConnec
 @pytest.fixture
 async def fake() -> AsyncIterator[FakeSimotel]:
     """A fake Simotel over real HTTP, recording every request it receives."""
-    from tests.test_worker_support import FakeSimotel  # it imports this module
+    from tests.helpers.worker import FakeSimotel  # it imports this module
 
     server = FakeSimotel()
     await server.start()
@@ -148,14 +125,14 @@ async def fake() -> AsyncIterator[FakeSimotel]:
 
 @pytest.fixture
 def cfg(amqp_url: str, tmp_path: Path, fake: FakeSimotel) -> Settings:
-    from tests.test_worker_support import worker_settings
+    from tests.helpers.worker import worker_settings
 
     return worker_settings(amqp_url, tmp_path, fake.url)
 
 
 @pytest.fixture
 async def bus(amqp: aio_pika.abc.AbstractRobustConnection, cfg: Settings) -> Bus:
-    from tests.test_worker_support import Bus
+    from tests.helpers.worker import Bus
 
     return await Bus(amqp, cfg).start()
 

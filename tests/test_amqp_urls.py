@@ -17,12 +17,12 @@ from bridge import topology
 from bridge.amqp import Broker, Publisher, endpoint, json_message
 from bridge.config import Settings, load_settings
 from bridge.errors import ConfigError, PublishError
-from tests import brokernode
-from tests.brokernode import PrivateBroker, free_port
-from tests.conftest import AMQP_HOST, make_settings
-from tests.support import drain
+from tests.helpers import broker_node
+from tests.helpers.broker_node import PrivateBroker, free_port
+from tests.helpers.env import AMQP_HOST, make_settings
+from tests.helpers.taps import drain
 
-private_broker = brokernode.private_broker
+private_broker = broker_node.private_broker
 
 
 def _amqp(**amqp: object) -> Settings:

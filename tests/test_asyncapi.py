@@ -18,9 +18,9 @@ from bridge.commands import STATUSES, Envelope, Result, needs_dead_letter, resul
 from bridge.config import COMPONENTS, AmqpSettings, HistorySettings, SourceSettings
 from bridge.reconcile import recovered_event
 from bridge.replay import REPLAYED_HEADER, replayed
+from bridge.settle import dead_letter
 from bridge.translate import KNOWN_EVENTS, Payload, build_event
-from bridge.worker import dead_letter
-from tests.nodetools import node_modules
+from tests.helpers.node_tools import node_modules
 
 DOC_PATH = Path(__file__).resolve().parent.parent / "docs" / "asyncapi.yaml"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

@@ -29,11 +29,11 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
-from test_worker_support import WAIT, Bus, FakeSimotel, assembled_worker
 
 from bridge.catalog import CATALOG
 from bridge.commands import parse_result
 from bridge.config import Settings
+from tests.helpers.worker import WAIT, Bus, FakeSimotel, assembled_worker
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(600)]
 

@@ -32,9 +32,9 @@ from bridge.httpserver import serve
 from bridge.ingress import client_address, create_app, early_check, listener_guard
 from bridge.metrics import Metrics
 from bridge.sink import EventSink, SpoolMetrics
-from tests.brokernode import free_port
-from tests.conftest import make_settings
-from tests.support import tap
+from tests.helpers.broker_node import free_port
+from tests.helpers.env import make_settings
+from tests.helpers.taps import tap
 
 pytestmark = pytest.mark.broker
 

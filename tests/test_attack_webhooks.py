@@ -23,7 +23,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from bridge.translate import KNOWN_EVENTS
-from tests.attackkit import ATTACK_EXAMPLES, AUTH, World, attack
+from tests.helpers.attack import ATTACK_EXAMPLES, AUTH, World, attack
 
 pytestmark = [pytest.mark.broker, pytest.mark.attack]
 

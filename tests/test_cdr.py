@@ -12,7 +12,7 @@ import pytest
 
 from bridge import cdr
 from bridge.reconcile import initial_cursor, plan_page, recovered_event
-from tests.conftest import FIXTURES
+from tests.helpers.env import FIXTURES
 
 # A CDR record as reports/cdr/ordered/id returns it (api-v4.md: the record fields seen in the
 # samples; Jalali `start`/`starttime`, Gregorian `answer`, `$date` endtime).

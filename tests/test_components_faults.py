@@ -15,13 +15,13 @@ from prometheus_client import CollectorRegistry
 from bridge.amqp import Broker
 from bridge.components import ComponentMetrics, ComponentRpc
 from bridge.responder import Answer, ComponentRequest, ExtenApiAnswer, Responder
-from tests import brokernode
-from tests.brokernode import PrivateBroker
-from tests.conftest import make_settings
+from tests.helpers import broker_node
+from tests.helpers.broker_node import PrivateBroker
+from tests.helpers.env import make_settings
 
 pytestmark = [pytest.mark.disruptive, pytest.mark.broker, pytest.mark.timeout(150)]
 
-private_broker = brokernode.private_broker
+private_broker = broker_node.private_broker
 
 REQUEST = {"src": "09155441", "dst": "31041000", "data": "", "app_name": "x", "unique_id": "1"}
 FALLBACK = {"ok": "1", "extension": "100"}

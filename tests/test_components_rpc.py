@@ -35,8 +35,8 @@ from bridge.responder import (
 )
 from bridge.sink import EventSink, SpoolMetrics
 from bridge.smartapi import parse
-from tests.conftest import FIXTURES, make_settings
-from tests.support import tap
+from tests.helpers.env import FIXTURES, make_settings
+from tests.helpers.taps import tap
 
 pytestmark = pytest.mark.broker
 

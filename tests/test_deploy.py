@@ -35,12 +35,12 @@ from bridge.amqp import Broker
 from bridge.cli import main as cli_main
 from bridge.config import AmqpSettings, load_settings
 from bridge.send import send_command
-from tests.brokernode import free_port
-from tests.conftest import AMQP_HOST, FIXTURES, make_settings
-from tests.nodetools import node_modules
+from tests.helpers.broker_node import free_port
+from tests.helpers.env import AMQP_HOST, FIXTURES, make_settings
+from tests.helpers.node_tools import node_modules
 
 if TYPE_CHECKING:
-    from tests.test_worker_support import FakeSimotel
+    from tests.helpers.worker import FakeSimotel
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -592,7 +592,7 @@ async def test_every_metric_of_the_dashboard_and_alerts_is_exposed(
         SIMOTEL_BRIDGE__HTTP__HOST="127.0.0.1",
         SIMOTEL_BRIDGE__SOURCES__SIMOTEL__API__BASE_URL=fake.url,
     )
-    from tests.test_worker_support import ok
+    from tests.helpers.worker import ok
 
     # demo.yaml reconciles its source: Simotel's cursor endpoints answer an empty table, so a
     # pass completes (cursor lag, last success) and history is on by default.

@@ -19,10 +19,10 @@ import pytest
 import yaml
 from aio_pika.abc import AbstractIncomingMessage
 
-from tests import brokernode
-from tests.brokernode import PrivateBroker, free_port
-from tests.cluster import Progress
-from tests.sinkkit import AUDIT_QUEUE, declare_audit
+from tests.helpers import broker_node
+from tests.helpers.broker_node import PrivateBroker, free_port
+from tests.helpers.cluster import Progress
+from tests.helpers.sink import AUDIT_QUEUE, declare_audit
 
 pytestmark = [
     pytest.mark.broker,
@@ -31,7 +31,7 @@ pytestmark = [
     pytest.mark.timeout(240),
 ]
 
-private_broker = brokernode.private_broker
+private_broker = broker_node.private_broker
 
 ROOT = Path(__file__).resolve().parent.parent
 CDR = orjson.loads((ROOT / "tests" / "fixtures" / "event-Cdr.json").read_bytes())

@@ -30,13 +30,17 @@ class _Stream(io.StringIO):
 
     def __init__(self) -> None:
         super().__init__()
-        self.buffer = io.BytesIO()
+        self.bytes = io.BytesIO()
+
+    @property
+    def buffer(self) -> io.BytesIO:
+        return self.bytes
 
     def isatty(self) -> bool:
         return False
 
     def lines(self) -> list[dict[str, object]]:
-        raw = self.buffer.getvalue().decode() + self.getvalue()
+        raw = self.bytes.getvalue().decode() + self.getvalue()
         return [orjson.loads(line) for line in raw.splitlines() if line.strip()]
 
 
@@ -91,7 +95,7 @@ async def test_one_json_line_per_webhook_without_secrets(tmp_path: Path) -> None
         assert first["outcome"] == "broker"
         assert isinstance(first["duration_ms"], float)
         assert hooks[1]["outcome"] == "unauthorized"
-        everything = stream.buffer.getvalue().decode() + stream.getvalue()
+        everything = stream.bytes.getvalue().decode() + stream.getvalue()
         assert "third.party" in everything
         for secret in ("pw-1", "pw-2", "amqp-secret"):
             assert secret not in everything

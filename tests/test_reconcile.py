@@ -29,9 +29,9 @@ from bridge.reconcile import Reconciler, SimotelCursors, run_once
 from bridge.simulator import RunningSimulator, SimulatorOptions, simulator
 from bridge.sink import EventSink, SpoolMetrics
 from bridge.state import open_state_store
-from tests.brokernode import free_port
-from tests.conftest import make_settings
-from tests.support import Tap, tap
+from tests.helpers.broker_node import free_port
+from tests.helpers.env import make_settings
+from tests.helpers.taps import Tap, tap
 
 pytestmark = [pytest.mark.broker]
 

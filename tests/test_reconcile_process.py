@@ -22,8 +22,8 @@ import yaml
 from bridge.amqp import Broker
 from bridge.config import load_settings
 from bridge.simulator import Faults, RunningSimulator, SimulatorOptions, simulator
-from tests.brokernode import free_port
-from tests.support import Tap, tap
+from tests.helpers.broker_node import free_port
+from tests.helpers.taps import Tap, tap
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(180)]
 

@@ -20,8 +20,8 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from bridge.config import Settings
 from bridge.errors import BridgeError
 from bridge.replay import ReplayError, Summary, Target, replay
-from tests.conftest import make_settings
-from tests.support import drain, tap
+from tests.helpers.env import make_settings
+from tests.helpers.taps import drain, tap
 from tests.test_history import Sent, publish_spread
 
 pytestmark = pytest.mark.broker

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.brokernode import free_port
+from tests.helpers.broker_node import free_port
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
 

@@ -16,12 +16,12 @@ import orjson
 import pytest
 import yaml
 
-from tests import brokernode
-from tests.brokernode import PrivateBroker, free_port
+from tests.helpers import broker_node
+from tests.helpers.broker_node import PrivateBroker, free_port
 
 pytestmark = [pytest.mark.disruptive, pytest.mark.broker, pytest.mark.timeout(180)]
 
-private_broker = brokernode.private_broker
+private_broker = broker_node.private_broker
 ROOT = Path(__file__).resolve().parent.parent
 AUTH = ("simotel", "secret")
 

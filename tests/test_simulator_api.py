@@ -17,8 +17,8 @@ import pytest
 from bridge.catalog import CATALOG
 from bridge.simulator import media
 from bridge.simulator.options import Faults, SimulatorOptions
-from tests.simhelp import (
-    FIXTURES,
+from tests.helpers.env import FIXTURES
+from tests.helpers.simulator import (
     PostmanRequest,
     api_client,
     postman_credentials,

@@ -16,7 +16,7 @@ from bridge.httpserver import serve
 from bridge.simulator import SimulatorOptions, flows, scenarios, simulator
 from bridge.simulator.options import DELIVERIES, Delivery
 from bridge.simulator.replies import OriginateRequest
-from tests.simhelp import Receiver, check_call_order
+from tests.helpers.simulator import Receiver, check_call_order
 
 PBX = flows.Pbx(
     extensions=("101", "102", "103", "104", "105"),

@@ -19,7 +19,7 @@ from simotel_connect.exceptions import SimotelAPIError
 from bridge.catalog import CATALOG
 from bridge.simulator import SimState, SimulatorOptions, media
 from bridge.simulator.state import seed
-from tests.simhelp import api_client, postman_requests
+from tests.helpers.simulator import api_client, postman_requests
 
 OPTIONS = SimulatorOptions(port=0, event_url=None, seed=3)
 UPLOADS = {

@@ -9,7 +9,7 @@ from typing import Any
 from bridge import cdr
 from bridge.httpserver import serve
 from bridge.simulator import SimulatorOptions, simulator
-from tests.simhelp import Receiver
+from tests.helpers.simulator import Receiver
 
 ANSWERS = {
     "SmartApi": {"ok": "1", "commands": "Exit('queue')"},

@@ -12,8 +12,8 @@ import pytest
 
 from bridge.sink import ordered_window
 from bridge.spool import Spool, Spooled, SpoolFull
-from tests.conftest import make_settings
-from tests.sinkkit import check_delivery, declare_audit, make_event, open_stack, read_queue
+from tests.helpers.env import make_settings
+from tests.helpers.sink import check_delivery, declare_audit, make_event, open_stack, read_queue
 
 CLOSED_PORT_URL = "amqp://guest:guest@127.0.0.1:1/"
 

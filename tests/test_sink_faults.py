@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from bridge.config import Settings
-from tests import brokernode
-from tests.brokernode import PrivateBroker
-from tests.conftest import make_settings
-from tests.sinkkit import (
+from tests.helpers import broker_node
+from tests.helpers.broker_node import PrivateBroker
+from tests.helpers.env import make_settings
+from tests.helpers.sink import (
     Traffic,
     check_delivery,
     declare_audit,
@@ -30,7 +30,7 @@ from tests.sinkkit import (
 
 pytestmark = [pytest.mark.disruptive, pytest.mark.broker, pytest.mark.timeout(150)]
 
-private_broker = brokernode.private_broker
+private_broker = broker_node.private_broker
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLISH_TIMEOUT = 1.0
@@ -128,8 +128,9 @@ async def test_a_bridge_killed_with_events_spooled_delivers_them_after_restart(
         child = await asyncio.create_subprocess_exec(
             sys.executable,
             "-c",
-            f"import asyncio, sys; sys.path.insert(0, {str(ROOT)!r}); from tests.sinkkit import "
-            f"child_main; asyncio.run(child_main({url!r}, {str(workdir)!r}))",
+            f"import asyncio, sys; sys.path.insert(0, {str(ROOT)!r}); "
+            "from tests.helpers.sink import child_main; "
+            f"asyncio.run(child_main({url!r}, {str(workdir)!r}))",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=child_log,

@@ -16,10 +16,10 @@ import pytest
 from bridge.config import Settings
 from bridge.ingress import create_app
 from bridge.metrics import Metrics
-from tests import brokernode
-from tests.brokernode import PrivateBroker
-from tests.conftest import make_settings
-from tests.sinkkit import (
+from tests.helpers import broker_node
+from tests.helpers.broker_node import PrivateBroker
+from tests.helpers.env import make_settings
+from tests.helpers.sink import (
     Send,
     Stack,
     Traffic,
@@ -33,7 +33,7 @@ from tests.sinkkit import (
 AUTH = ("simotel", "secret")
 CLOSED_PORT_URL = "amqp://guest:guest@127.0.0.1:1/"
 
-private_broker = brokernode.private_broker
+private_broker = broker_node.private_broker
 
 
 @asynccontextmanager

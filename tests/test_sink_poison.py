@@ -18,8 +18,15 @@ import pytest
 from bridge.config import Settings
 from bridge.spool import Spool
 from bridge.translate import OutgoingEvent
-from tests.conftest import make_settings
-from tests.sinkkit import Stack, check_delivery, declare_audit, make_event, open_stack, read_queue
+from tests.helpers.env import make_settings
+from tests.helpers.sink import (
+    Stack,
+    check_delivery,
+    declare_audit,
+    make_event,
+    open_stack,
+    read_queue,
+)
 
 pytestmark = [pytest.mark.broker]
 

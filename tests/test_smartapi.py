@@ -33,7 +33,7 @@ from bridge.smartapi import (
     check_text,
     parse,
 )
-from tests.conftest import FIXTURES
+from tests.helpers.env import FIXTURES
 
 
 def fixture(name: str) -> dict[str, Any]:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 from aio_pika.abc import AbstractRobustConnection
-from test_worker_support import Bus, FakeSimotel, ok, running_worker, worker_settings
 
 from bridge.config import Settings
+from tests.helpers.worker import Bus, FakeSimotel, ok, running_worker, worker_settings
 
 SEARCH = "pbx/users/search"
 

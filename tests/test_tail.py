@@ -15,7 +15,7 @@ from aio_pika.abc import AbstractRobustConnection
 
 from bridge.amqp import json_message
 from bridge.tail import render_text, tail
-from tests.conftest import make_settings
+from tests.helpers.env import make_settings
 
 
 class _Tty(io.StringIO):

@@ -8,7 +8,7 @@ from bridge import topology
 from bridge.amqp import Broker, Publisher
 from bridge.config import Settings
 from bridge.translate import Payload, build_event
-from tests.support import drain
+from tests.helpers.taps import drain
 
 
 def test_routing_keys() -> None:

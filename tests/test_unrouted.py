@@ -13,8 +13,8 @@ from structlog.testing import capture_logs
 from bridge.amqp import Broker, Publisher
 from bridge.translate import Payload, build_event
 from bridge.unrouted import UnroutedWatch
-from tests.conftest import make_settings
-from tests.support import drain
+from tests.helpers.env import make_settings
+from tests.helpers.taps import drain
 
 pytestmark = [pytest.mark.broker]
 

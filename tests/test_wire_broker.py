@@ -11,8 +11,8 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 from structlog.testing import capture_logs
 
-from tests.attackkit import AUTH, NORMAL_EVENT, FullBridge, full_settings
-from tests.support import tap
+from tests.helpers.attack import AUTH, NORMAL_EVENT, FullBridge, full_settings
+from tests.helpers.taps import tap
 
 pytestmark = pytest.mark.broker
 

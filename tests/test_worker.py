@@ -13,7 +13,10 @@ from typing import Any
 import orjson
 import pytest
 from aio_pika.abc import AbstractRobustConnection
-from test_worker_support import (
+
+from bridge.config import Settings
+from bridge.send import send_command
+from tests.helpers.worker import (
     API_KEY,
     API_PASS,
     API_USER,
@@ -26,9 +29,6 @@ from test_worker_support import (
     running_worker,
     worker_settings,
 )
-
-from bridge.config import Settings
-from bridge.send import send_command
 
 ORIGINATE = {
     "caller": "557",

@@ -27,12 +27,12 @@ from bridge import topology
 from bridge.commands import Result, parse_result
 from bridge.config import AmqpSettings
 from bridge.simulator import Faults, SimState, SimulatorOptions, simulator
-from tests import brokernode
-from tests.brokernode import PrivateBroker
+from tests.helpers import broker_node
+from tests.helpers.broker_node import PrivateBroker
 
 pytestmark = [pytest.mark.disruptive, pytest.mark.broker, pytest.mark.timeout(180)]
 
-private_broker = brokernode.private_broker
+private_broker = broker_node.private_broker
 ROOT = Path(__file__).resolve().parent.parent
 TOPOLOGY = AmqpSettings()
 RESULTS = "test.results"  # durable queues of the test's own: they outlive the broker's restart

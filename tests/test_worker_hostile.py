@@ -14,10 +14,18 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
-from test_worker_support import WAIT, Bus, FakeSimotel, assembled_worker, header, ok, running_worker
 
 from bridge.commands import parse_result
 from bridge.config import Settings
+from tests.helpers.worker import (
+    WAIT,
+    Bus,
+    FakeSimotel,
+    assembled_worker,
+    header,
+    ok,
+    running_worker,
+)
 
 pytestmark = [pytest.mark.broker]
 

@@ -6,18 +6,20 @@ Simotel is faked over real HTTP in the test process."""
 
 from __future__ import annotations
 
-import asyncio
-import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import yaml
 from aio_pika.abc import AbstractRobustConnection
-from test_worker_support import (
+
+from bridge.config import Settings
+from tests.helpers.worker import (
+    ORIGINATE,
+    START,
     Bus,
     FakeSimotel,
+    WorkerProcess,
     api_settings,
     header,
     held,
@@ -25,42 +27,7 @@ from test_worker_support import (
     worker_settings,
 )
 
-from bridge.config import Settings
-
 pytestmark = pytest.mark.slow
-
-ORIGINATE = {"caller": "557", "callee": "0915", "context": "out", "caller_id": "557"}
-START = 30.0  # bound for a worker process to start and reach the fake Simotel
-
-
-class WorkerProcess:
-    def __init__(self, config: Path, log: Path) -> None:
-        self.config, self.log = config, log
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "bridge.cli",
-                "worker",
-                "-c",
-                str(self.config),
-                stdout=out,
-                stderr=out,
-            )
-
-    async def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        assert await asyncio.wait_for(self.proc.wait(), 10) == -signal.SIGKILL
-
-    async def terminate(self) -> int:
-        assert self.proc is not None
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return await asyncio.wait_for(self.proc.wait(), 30)
 
 
 @pytest.fixture

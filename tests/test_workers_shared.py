@@ -17,10 +17,19 @@ from typing import Any
 import pytest
 import yaml
 from aio_pika.abc import AbstractRobustConnection
-from test_worker_restart import ORIGINATE, START, WorkerProcess
-from test_worker_support import Bus, FakeSimotel, api_settings, header, held, worker_settings
 
 from bridge.commands import Result
+from tests.helpers.worker import (
+    ORIGINATE,
+    START,
+    Bus,
+    FakeSimotel,
+    WorkerProcess,
+    api_settings,
+    header,
+    held,
+    worker_settings,
+)
 
 ACTION = "call/originate/act"
 

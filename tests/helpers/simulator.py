@@ -8,7 +8,6 @@ import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,8 +16,8 @@ from bridge.httpserver import serve
 from bridge.simulator.api import EventSink, create_api_app
 from bridge.simulator.options import SimulatorOptions
 from bridge.simulator.state import SimState, seed
+from tests.helpers.env import FIXTURES
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
 COLLECTION = FIXTURES / "postman_collection.json"
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,7 +23,6 @@ import aio_pika
 import orjson
 import uvicorn
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
-from conftest import make_settings
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
@@ -35,6 +36,7 @@ from bridge.commands import Result, parse_result
 from bridge.config import Settings
 from bridge.dedupe import StateStore
 from bridge.worker import Worker, WorkerMetrics, make_clients, run_worker
+from tests.helpers.env import make_settings
 
 API_USER, API_PASS, API_KEY = "apiuser", "api-secret", "the-api-key"
 WAIT = 10.0  # bound on any single wait in these tests
@@ -372,3 +374,39 @@ async def test_fake_simotel_records_requests() -> None:
         assert fake.to("pbx/faxes/upload")[0].files["file"][0::2] == ("f.tif", b"II*")
     finally:
         await fake.stop()
+
+
+# --- a worker as a real process (`python -m bridge.cli worker -c FILE`) ---------------------
+
+ORIGINATE = {"caller": "557", "callee": "0915", "context": "out", "caller_id": "557"}
+START = 30.0  # bound for a worker process to start and reach the fake Simotel
+
+
+class WorkerProcess:
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config, self.log = config, log
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "bridge.cli",
+                "worker",
+                "-c",
+                str(self.config),
+                stdout=out,
+                stderr=out,
+            )
+
+    async def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        assert await asyncio.wait_for(self.proc.wait(), 10) == -signal.SIGKILL
+
+    async def terminate(self) -> int:
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return await asyncio.wait_for(self.proc.wait(), 30)

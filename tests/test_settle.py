@@ -1,5 +1,5 @@
-"""How the worker settles a command when publishing its result goes wrong, against the real
-RabbitMQ (a fresh vhost per test) and a fake Simotel over real HTTP:
+"""How the worker settles a command (`bridge.settle`) when publishing its result goes wrong,
+against the real RabbitMQ (a fresh vhost per test) and a fake Simotel over real HTTP:
 
 - every message published for a command has a stable message_id (`{command_id}`, and
   `{command_id}:dead` for the dead letter), so a result published twice can be de-duplicated;
@@ -20,7 +20,11 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 from prometheus_client import CollectorRegistry
-from test_worker_support import (
+
+from bridge.amqp import Broker, Publisher
+from bridge.config import Settings
+from bridge.errors import PublishError
+from tests.helpers.worker import (
     WAIT,
     Bus,
     FakeSimotel,
@@ -32,10 +36,6 @@ from test_worker_support import (
     running_worker,
     worker_settings,
 )
-
-from bridge.amqp import Broker, Publisher
-from bridge.config import Settings
-from bridge.errors import PublishError
 
 
 class FlakyPublisher(Publisher):

@@ -225,7 +225,7 @@ def percentile(values: list[float], p: float) -> float:
 async def child_main(url: str, workdir: str) -> None:
     """A bridge process for the SIGKILL test: connects, says `ready`, waits for a line on
     stdin, then accepts events forever, printing each message id once accept() returned."""
-    from tests.conftest import make_settings
+    from tests.helpers.env import make_settings
 
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))  # stdout: ids
     settings = make_settings(url, Path(workdir), amqp={"url": url, "publish_timeout": 1.0})

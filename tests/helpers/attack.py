@@ -25,7 +25,7 @@ from bridge.config import Settings
 from bridge.ingress import create_app
 from bridge.metrics import Metrics
 from bridge.sink import EventSink, SpoolMetrics
-from tests.conftest import AMQP_HOST, _rabbitmqctl, make_settings
+from tests.helpers.env import AMQP_HOST, make_settings, rabbitmqctl
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -189,8 +189,8 @@ class World:
 
     def __init__(self, tmp_path: Path, **components: Any) -> None:
         self.vhost = f"attack-{uuid.uuid4().hex[:12]}"
-        _rabbitmqctl("add_vhost", self.vhost)
-        _rabbitmqctl("set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*")
+        rabbitmqctl("add_vhost", self.vhost)
+        rabbitmqctl("set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*")
         self.amqp_url = f"amqp://guest:guest@{AMQP_HOST}/{self.vhost}"
         self.runner = asyncio.Runner()
         self.tap = EventTap()
@@ -230,7 +230,7 @@ class World:
             self.run(self._stop())
         finally:
             self.runner.close()
-            _rabbitmqctl("delete_vhost", self.vhost)
+            rabbitmqctl("delete_vhost", self.vhost)
 
     async def _stop(self) -> None:
         await self.bridge.aclose()

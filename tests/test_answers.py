@@ -1,4 +1,4 @@
-"""Component answers, fallbacks and deadlines: the pure core, no broker."""
+"""Component answers, fallbacks and deadlines (`bridge.answers`): the pure core, no broker."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from bridge.components import (
+from bridge.answers import (
     COMPONENTS,
     DEFAULT_FALLBACK,
     InvalidAnswer,
@@ -32,7 +32,7 @@ from bridge.responder import (
     encode_answer,
 )
 from bridge.smartapi import Exit, PlayAnnouncement
-from tests.conftest import FIXTURES, make_settings
+from tests.helpers.env import FIXTURES, make_settings
 
 
 def fixture(name: str) -> dict[str, Any]:
