@@ -25,6 +25,8 @@ from typing import Any, Literal
 import jdatetime
 import orjson
 
+from bridge.errors import RecordError as RecordError  # re-exported: defined in bridge.errors
+
 Feed = Literal["cdr", "queue"]
 FEEDS: tuple[Feed, ...] = ("cdr", "queue")
 
@@ -46,10 +48,6 @@ _DATETIME = re.compile(
     r"^\s*(\d{4})-(\d{1,2})-(\d{1,2})(?:[ T](\d{1,2}):(\d{2})(?::(\d{2})(?:\.(\d{1,6}))?)?)?"
     r"\s*(Z|[+-]00:?00)?\s*$"
 )
-
-
-class RecordError(ValueError):
-    """A record that cannot become an event (no `_id`, no call id)."""
 
 
 def plain(value: Any) -> Any:

@@ -23,8 +23,8 @@ import orjson
 
 from bridge import wire
 from bridge.catalog import Endpoint, lookup
-from bridge.errors import CommandError
-from bridge.topology import command_key
+from bridge.errors import InvalidCommand as InvalidCommand  # re-exported: defined in bridge.errors
+from bridge.wire import command_key
 
 Status = Literal["ok", "failed", "error", "rejected", "expired", "unknown"]
 STATUSES: tuple[Status, ...] = ("ok", "failed", "error", "rejected", "expired", "unknown")
@@ -59,15 +59,6 @@ def quoted(value: Any) -> str:
     """A value from a message, for an error text: its repr, cut short."""
     text = repr(value)
     return text if len(text) <= _MAX_QUOTED else text[: _MAX_QUOTED - 3] + "..."
-
-
-class InvalidCommand(CommandError):
-    """A command that cannot be executed. `reason` is a short code (the dead-letter header and
-    metric label), `detail` the sentence that goes into the result's `error`."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(reason)
-        self.detail = detail
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,7 @@ import time
 import uuid
 from collections import OrderedDict
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol, get_args
+from typing import Any, Literal, Protocol
 
 import aio_pika
 import aio_pika.exceptions
@@ -52,17 +52,27 @@ from aio_pika.abc import (
 from aiormq.exceptions import ChannelInvalidStateError
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from bridge import smartapi, wire
+from bridge import wire
 from bridge.amqp import Broker, Publisher, json_message
+from bridge.client.answers import DIALPLAN_UNSAFE as DIALPLAN_UNSAFE  # re-exported: bridge.answers
+from bridge.client.answers import AnswerFields
+from bridge.client.answers import validate_answer as validate_answer
 from bridge.config import ComponentSettings, Settings
 from bridge.errors import BridgeError, ConfigError, WebhookError
-from bridge.topology import component_key, event_key, sanitise
+from bridge.errors import InvalidAnswer as InvalidAnswer  # re-exported: defined in bridge.errors
 from bridge.translate import OutgoingEvent, call_id, checked
+from bridge.wire import COMPONENTS as COMPONENTS  # re-exported: defined in bridge.wire
+from bridge.wire import ERROR_TYPE as ERROR_TYPE
+from bridge.wire import (
+    REPLY_TO,
+    component_key,
+    event_key,
+    sanitise,
+)
+from bridge.wire import Component as Component
 
 log = structlog.get_logger("bridge.components")
 
-Component = Literal["SmartApi", "ExtenApi", "TrunkApi", "IvrApi"]
-COMPONENTS: tuple[Component, ...] = get_args(Component)
 Outcome = Literal[
     "answered",
     "fallback-no-route",
@@ -71,16 +81,12 @@ Outcome = Literal[
     "fallback-unavailable",
     "fallback-overload",
 ]
-Answer = dict[str, str]
 
 # Used when nothing is configured. `{"ok": "0"}` is the official packages' explicit failure:
 # SmartApi documents that a failed or incorrect reply leaves through output `e`, and ExtenApi /
 # TrunkApi leave through `F`. Configure a real answer (an operator extension, an IVR case) for
 # anything that must not fail.
-DEFAULT_FALLBACK: Answer = {"ok": "0"}
-REPLY_TO = "amq.rabbitmq.reply-to"
-# Message type a responder uses to say "I failed": the fallback is taken at once.
-ERROR_TYPE = "error"
+DEFAULT_FALLBACK: AnswerFields = {"ok": "0"}
 # Time kept back from the deadline to serialise and write the answer.
 SEND_MARGIN_S = 0.003
 _REMEMBER_EXPIRED = 4096
@@ -94,82 +100,10 @@ DEFAULT_MAX_IN_FLIGHT = 2048
 DEFAULT_MAX_ANSWER_BYTES = 65536
 
 
-class InvalidAnswer(ValueError):
-    """A responder's answer cannot be sent to Simotel."""
-
-
 # --- pure core ------------------------------------------------------------------------------
 
 
-def _text(answer: dict[str, Any], key: str) -> str:
-    value = answer.get(key)
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)
-    if not isinstance(value, str):
-        raise InvalidAnswer(f"{key!r} must be a string")
-    return value
-
-
-def _dialable(answer: dict[str, Any], key: str) -> str:
-    value = _text(answer, key)
-    if not smartapi.DIALABLE.fullmatch(value):
-        raise InvalidAnswer(f"{key!r} must match {smartapi.DIALABLE.pattern}, got {value!r}")
-    return value
-
-
-# Characters the dialplan gives a meaning to where TrunkApi's trunk and IvrApi's case end up:
-# `&` joins dial targets, `${...}` expands a variable or a function, `|` is the old separator.
-DIALPLAN_UNSAFE = frozenset("&${}|")
-
-
-def _safe(answer: dict[str, Any], key: str) -> str:
-    """A text value of a TrunkApi / IvrApi answer: SmartApi's text rules (no quotes, separators,
-    look-alikes or control characters) and none of DIALPLAN_UNSAFE."""
-    try:
-        value = smartapi.check_text(_text(answer, key), repr(key))
-    except smartapi.SmartApiError as exc:
-        raise InvalidAnswer(str(exc)) from None
-    bad = DIALPLAN_UNSAFE.intersection(value)
-    if bad:
-        raise InvalidAnswer(f"{key!r} must not contain {''.join(sorted(bad))!r}")
-    return value
-
-
-def validate_answer(component: str, answer: object) -> Answer:
-    """Check an answer against what `component` needs and return it in canonical form: string
-    values, only the keys Simotel reads, SmartApi commands re-rendered from the parsed script.
-    `{"ok": "0"}` (explicit failure) is valid for every component. Raises InvalidAnswer."""
-    if not isinstance(answer, dict):
-        raise InvalidAnswer("the answer must be a JSON object")
-    ok = answer.get("ok")
-    if ok in ("0", 0) and not isinstance(ok, bool):
-        return {"ok": "0"}
-    if ok not in ("1", 1) or isinstance(ok, bool):
-        raise InvalidAnswer('"ok" must be "1" (or "0" for an explicit failure)')
-    if component == "ExtenApi":
-        return {"ok": "1", "extension": _dialable(answer, "extension")}
-    if component == "TrunkApi":
-        limit = _text(answer, "call_limit")
-        if not limit.isascii() or not limit.isdigit() or len(limit) > 7:
-            raise InvalidAnswer(f"'call_limit' must be a number of seconds, got {limit!r}")
-        return {
-            "ok": "1",
-            "trunk": _safe(answer, "trunk"),
-            "extension": _dialable(answer, "extension"),
-            "call_limit": str(int(limit)),
-        }
-    if component == "IvrApi":
-        return {"ok": "1", "case": _safe(answer, "case")}
-    if component == "SmartApi":
-        try:
-            script = smartapi.build(smartapi.parse(_text(answer, "commands")))
-        except smartapi.SmartApiError as exc:
-            raise InvalidAnswer(f"'commands': {exc}") from None
-        return {"ok": "1", "commands": script}
-    raise InvalidAnswer(f"unknown component {component!r}")
-
-
-def resolve_fallback(cs: ComponentSettings, component: str, app_name: str) -> Answer:
+def resolve_fallback(cs: ComponentSettings, component: str, app_name: str) -> AnswerFields:
     """The most specific configured fallback: `Component.app_name` (as sent, then sanitised),
     then `Component`, then DEFAULT_FALLBACK. Configured fallbacks are checked at start-up."""
     for key in (f"{component}.{app_name}", f"{component}.{sanitise(app_name)}", component):
@@ -199,7 +133,7 @@ def decide(
     reply_type: str | None,
     body: bytes,
     max_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
-) -> tuple[Outcome, Answer | None, str]:
+) -> tuple[Outcome, AnswerFields | None, str]:
     """Turn a responder's reply into (outcome, answer or None for the fallback, reason). A
     reply over `max_bytes` is refused before anything is parsed."""
     if len(body) > max_bytes:
@@ -227,25 +161,21 @@ def component_event(
     fields: dict[str, Any],
     message_id: str,
     outcome: Outcome,
-    answer: Answer,
+    answer: AnswerFields,
     now: float | None = None,
 ) -> OutgoingEvent:
     """A component request as an event (publish_as_event): the fields as Simotel sent them,
     the event headers of CONTRACT §4, plus `component`, `app_name`, `outcome` and `answer`."""
     received = time.time() if now is None else now
     name = event_name(component)
+    cid = call_id(fields)
     headers = {
-        "source": source,
-        "event": name,
-        "received_at": datetime.fromtimestamp(received, UTC).isoformat(timespec="microseconds"),
+        **wire.event_headers(source, name, received, cid),
         "component": component,
         "app_name": str(fields.get("app_name") or ""),
         "outcome": outcome,
         "answer": orjson.dumps(answer).decode(),
     }
-    cid = call_id(fields)
-    if cid is not None:
-        headers["call_id"] = cid
     # The body keeps every field as sent; a header over its budget is cut and listed in
     # `truncated`, so the event can always be published (and never blocks the spool).
     return checked(
@@ -422,7 +352,7 @@ class ComponentRpc:
         app_name = str(fields.get("app_name") or "")
 
         cid = uuid.uuid4().hex
-        answer: Answer | None = None
+        answer: AnswerFields | None = None
         if len(self._pending) >= self.max_in_flight:
             outcome: Outcome = "fallback-overload"
             reason = f"{len(self._pending)} requests in flight"
@@ -460,7 +390,7 @@ class ComponentRpc:
         fields: dict[str, Any],
         wait_until: float,
         cs: ComponentSettings,
-    ) -> tuple[Outcome, Answer | None, str]:
+    ) -> tuple[Outcome, AnswerFields | None, str]:
         """Publish the request and wait for the reply until `wait_until` (loop time)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[str | None, bytes]] = loop.create_future()
@@ -531,7 +461,7 @@ class ComponentRpc:
         fields: dict[str, Any],
         message_id: str,
         outcome: Outcome,
-        answer: Answer,
+        answer: AnswerFields,
     ) -> None:
         assert self._events is not None
         event = component_event(

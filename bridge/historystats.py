@@ -24,7 +24,7 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from prometheus_client import CollectorRegistry, Gauge
 
 from bridge.amqp import Broker
-from bridge.history import HISTORY_STREAM, event_time, stream_offset
+from bridge.client.history import HISTORY_STREAM, event_time, stream_offset
 
 log = structlog.get_logger("bridge.historystats")
 

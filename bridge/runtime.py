@@ -16,16 +16,13 @@ from bridge import httpserver
 from bridge.amqp import Broker, Publisher
 from bridge.components import ComponentMetrics, ComponentRpc
 from bridge.config import Settings
-from bridge.errors import BridgeError, ConfigError
+from bridge.errors import ConfigError
+from bridge.errors import RoleFailed as RoleFailed  # re-exported: defined in bridge.errors
 from bridge.ingress import create_app, listener_guard
 from bridge.metrics import Metrics
 from bridge.sink import EventSink, SpoolMetrics
 
 log = structlog.get_logger("bridge.runtime")
-
-
-class RoleFailed(BridgeError):
-    """A role (HTTP server, worker) stopped on its own; the process exits non-zero."""
 
 
 def install_signals(stop: asyncio.Event) -> None:

@@ -22,7 +22,7 @@ from aiormq import spec
 from bridge import wire
 from bridge.amqp import APP_ID, json_message
 from bridge.errors import WebhookError, WireError
-from bridge.topology import event_key, sanitise
+from bridge.wire import COMPONENTS, event_headers, event_key, sanitise
 
 # Every event name Simotel documents (webhooks.md §3), in the catalog's spelling. Names are
 # matched case-insensitively (`CDR`, `cdr` -> `Cdr`); unknown names pass through, sanitised.
@@ -49,7 +49,6 @@ KNOWN_EVENTS: tuple[str, ...] = (
 )
 _BY_LOWER = {name.lower(): name for name in KNOWN_EVENTS}
 
-COMPONENTS: tuple[str, ...] = ("SmartApi", "ExtenApi", "TrunkApi", "IvrApi")
 _COMPONENTS_BY_LOWER = {name.lower(): name for name in COMPONENTS}
 
 # Keys that carry the event name, in order of preference (Survey sends `event`).
@@ -235,13 +234,7 @@ def build_event(
     raises WebhookError(400) for an event that could not be published."""
     received = time.time() if now is None else now
     cid = call_id(payload.fields)
-    headers = {
-        "source": source,
-        "event": name,
-        "received_at": datetime.fromtimestamp(received, UTC).isoformat(timespec="microseconds"),
-    }
-    if cid is not None:
-        headers["call_id"] = cid
+    headers = event_headers(source, name, received, cid)
     body = payload.raw if payload.raw is not None else orjson.dumps(payload.fields)
     return checked(
         OutgoingEvent(
