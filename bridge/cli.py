@@ -1,4 +1,4 @@
-"""The `simotel-bridge` command line (CONTRACT §5)."""
+"""The `simotel-bridge` command line (docs/contract.md §5)."""
 
 from __future__ import annotations
 

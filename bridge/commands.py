@@ -1,4 +1,4 @@
-"""Commands, the pure core of the worker (CONTRACT §4): no I/O, only plain values.
+"""Commands, the pure core of the worker (docs/contract.md §4): no I/O, only plain values.
 
     Envelope  --parse_command-->  Command  --build_request-->  HttpRequest
     HttpAnswer  --interpret-->  Outcome  --make_result-->  Result  --result_message--> AMQP parts
@@ -161,7 +161,7 @@ class Result:
     content_type: str | None = None
 
     def fields(self) -> dict[str, Any]:
-        """The result body of CONTRACT §4, in its order."""
+        """The result body of docs/contract.md §4, in its order."""
         return {
             "command_id": self.command_id,
             "action": self.action,
@@ -441,7 +441,7 @@ def _envelope(endpoint: Endpoint, status: int, doc: Any) -> Outcome:
 
 
 def interpret(endpoint: Endpoint, answer: HttpAnswer) -> Outcome:
-    """Map Simotel's HTTP answer to an outcome (api-v4.md §2, §7)."""
+    """Map Simotel's HTTP answer to an outcome (docs/simotel/api-v4.md §2, §7)."""
     code = answer.status
     ctype = answer.content_type.split(";", 1)[0].strip().lower()
     is_json = ctype == "application/json" or ctype.endswith("+json")

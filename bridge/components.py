@@ -1,10 +1,10 @@
 """Dialplan components (SmartApi, ExtenApi, TrunkApi, IvrApi) answered over RabbitMQ.
 
-Simotel calls a component URL during a live call and waits one second (webhooks.md §5). The
-bridge publishes the request to `simotel.components` with routing key
-`{source}.{Component}.{app_name}`, `reply_to` = RabbitMQ direct reply-to, a `correlation_id` and
-an `expiration` equal to the time left, and answers Simotel before the deadline with either the
-responder's (validated) answer or the configured fallback:
+Simotel calls a component URL during a live call and waits one second
+(docs/simotel/webhooks.md §5). The bridge publishes the request to `simotel.components` with
+routing key `{source}.{Component}.{app_name}`, `reply_to` = RabbitMQ direct reply-to, a
+`correlation_id` and an `expiration` equal to the time left, and answers Simotel before the
+deadline with either the responder's (validated) answer or the configured fallback:
 
     answered              a valid answer arrived in time
     fallback-no-route     no queue is bound to the key: the broker returned the mandatory
@@ -165,7 +165,8 @@ def component_event(
     now: float | None = None,
 ) -> OutgoingEvent:
     """A component request as an event (publish_as_event): the fields as Simotel sent them,
-    the event headers of CONTRACT §4, plus `component`, `app_name`, `outcome` and `answer`."""
+    the event headers of docs/contract.md §4, plus `component`, `app_name`, `outcome` and
+    `answer`."""
     received = time.time() if now is None else now
     name = event_name(component)
     cid = call_id(fields)

@@ -265,7 +265,8 @@ class ReconcileSettings(_Model):
 
 
 class SourceSettings(_Model):
-    # Required: a source is open only if it says `allow_unauthenticated: true` (CONTRACT §6).
+    # Required: a source is open only if it says `allow_unauthenticated: true`
+    # (docs/contract.md §6).
     webhook: WebhookAuth
     api: ApiSettings | None = None
     components: ComponentSettings = ComponentSettings()

@@ -1,9 +1,10 @@
 """Turning a webhook into a publish: pure functions over plain values, no I/O.
 
-Simotel delivers the same event in four forms (webhooks.md §2.2): a JSON body (G4/Rest4 POST), a
-query string (GET), a form body (v2/v3 POST) or a query string on a POST with an empty body.
+Simotel delivers the same event in four forms (docs/simotel/webhooks.md §2.2): a JSON body
+(G4/Rest4 POST), a query string (GET), a form body (v2/v3 POST) or a query string on a POST with
+an empty body.
 `parse_payload` reads all of them into one dict; `event_name` finds the name where each Simotel
-version puts it; `build_event` fixes the routing key, properties and headers of CONTRACT §4.
+version puts it; `build_event` fixes the routing key, properties and headers of docs/contract.md §4.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from bridge.amqp import APP_ID, json_message
 from bridge.errors import WebhookError, WireError
 from bridge.wire import COMPONENTS, event_headers, event_key, sanitise
 
-# Every event name Simotel documents (webhooks.md §3), in the catalog's spelling. Names are
-# matched case-insensitively (`CDR`, `cdr` -> `Cdr`); unknown names pass through, sanitised.
+# Every event name Simotel documents (docs/simotel/webhooks.md §3), in the catalog's spelling.
+# Names are matched case-insensitively (`CDR`, `cdr` -> `Cdr`); unknown names pass through,
+# sanitised.
 KNOWN_EVENTS: tuple[str, ...] = (
     "NewState",
     "IncomingCall",
@@ -230,7 +232,7 @@ def build_event(
     message_id: str | None = None,
 ) -> OutgoingEvent:
     """The publish for one event webhook: routing key `{source}.{EventName}`, the body as sent,
-    and the properties and headers of CONTRACT §4, inside the wire budget (`bridge.wire`):
+    and the properties and headers of docs/contract.md §4, inside the wire budget (`bridge.wire`):
     raises WebhookError(400) for an event that could not be published."""
     received = time.time() if now is None else now
     cid = call_id(payload.fields)

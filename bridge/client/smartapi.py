@@ -1,4 +1,5 @@
-"""The SmartApi command language (webhooks.md §5.5): typed commands, a builder and a parser.
+"""The SmartApi command language (docs/simotel/webhooks.md §5.5): typed commands, a builder and
+a parser.
 
 A SmartApi answer is a script such as
 `PlayAnnouncement('welcome'); GetData('enter-code', 10, 4); Exit('go-s2')`. Simotel runs the

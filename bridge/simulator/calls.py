@@ -29,8 +29,8 @@ MAX_CALL_S = 300.0
 
 
 def _flat(payload: Mapping[str, Any]) -> dict[str, str]:
-    """Query/form values are strings; nested values travel as JSON text (webhooks.md leaves
-    their encoding open)."""
+    """Query/form values are strings; nested values travel as JSON text
+    (docs/simotel/webhooks.md leaves their encoding open)."""
     out: dict[str, str] = {}
     for key, value in payload.items():
         if value is None:

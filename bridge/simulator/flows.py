@@ -4,7 +4,7 @@ one), and decides what happens next from it, the way Simotel's dialplan would. N
 I/O or reads a clock: the caller gives the start time, the random generator and a snapshot of
 the PBX, and times in payloads are that start plus the simulated seconds that passed.
 
-Simulated dialplan for incoming calls (webhooks.md §5):
+Simulated dialplan for incoming calls (docs/simotel/webhooks.md §5):
     SmartApi `s1` -> `Exit('<case>')` picks the next node: `s<N>` another SmartApi (with the
     digits a `GetData` collected as `data`), `exten` ExtenApi, `ivr` IvrApi, `queue` or a queue
     number, an extension number, `voicemail`; any other case ends the call after an
