@@ -73,7 +73,7 @@ from bridge.wire import Component as Component
 
 log = structlog.get_logger("bridge.components")
 
-Outcome = Literal[
+ComponentOutcome = Literal[
     "answered",
     "fallback-no-route",
     "fallback-timeout",
@@ -133,7 +133,7 @@ def decide(
     reply_type: str | None,
     body: bytes,
     max_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
-) -> tuple[Outcome, AnswerFields | None, str]:
+) -> tuple[ComponentOutcome, AnswerFields | None, str]:
     """Turn a responder's reply into (outcome, answer or None for the fallback, reason). A
     reply over `max_bytes` is refused before anything is parsed."""
     if len(body) > max_bytes:
@@ -160,7 +160,7 @@ def component_event(
     component: str,
     fields: dict[str, Any],
     message_id: str,
-    outcome: Outcome,
+    outcome: ComponentOutcome,
     answer: AnswerFields,
     now: float | None = None,
 ) -> OutgoingEvent:
@@ -194,7 +194,7 @@ def component_event(
     )
 
 
-class EventSink(Protocol):
+class EventAcceptor(Protocol):
     """Where component events go (the ingress's sink: broker confirm or the local spool)."""
 
     async def accept(self, event: OutgoingEvent) -> str: ...
@@ -251,7 +251,7 @@ class ComponentRpc:
         settings: Settings,
         metrics: ComponentMetrics,
         *,
-        events: EventSink | None = None,
+        events: EventAcceptor | None = None,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:
         problems = fallback_problems(settings)
@@ -355,7 +355,7 @@ class ComponentRpc:
         cid = uuid.uuid4().hex
         answer: AnswerFields | None = None
         if len(self._pending) >= self.max_in_flight:
-            outcome: Outcome = "fallback-overload"
+            outcome: ComponentOutcome = "fallback-overload"
             reason = f"{len(self._pending)} requests in flight"
         else:
             outcome, answer, reason = await self._ask(
@@ -391,7 +391,7 @@ class ComponentRpc:
         fields: dict[str, Any],
         wait_until: float,
         cs: ComponentSettings,
-    ) -> tuple[Outcome, AnswerFields | None, str]:
+    ) -> tuple[ComponentOutcome, AnswerFields | None, str]:
         """Publish the request and wait for the reply until `wait_until` (loop time)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[str | None, bytes]] = loop.create_future()
@@ -461,7 +461,7 @@ class ComponentRpc:
         component: str,
         fields: dict[str, Any],
         message_id: str,
-        outcome: Outcome,
+        outcome: ComponentOutcome,
         answer: AnswerFields,
     ) -> None:
         assert self._events is not None
