@@ -544,12 +544,22 @@ def make_delivery_limit(
 
 def copied_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
     """A command's own headers, to copy into its dead letter: all of them when they are small
-    (MAX_COPIED_HEADERS bytes as JSON), else none and `headers_dropped: true`."""
+    (MAX_COPIED_HEADERS bytes as JSON), else none and `headers_dropped: true` (but a valid
+    `traceparent` all the same: the trace goes on)."""
     try:
         size = len(orjson.dumps(dict(headers), default=repr))
     except (TypeError, orjson.JSONEncodeError):
         size = MAX_COPIED_HEADERS + 1
-    return dict(headers) if size <= MAX_COPIED_HEADERS else {"headers_dropped": True}
+    if size <= MAX_COPIED_HEADERS:
+        return dict(headers)
+    return {"headers_dropped": True, **trace_headers(headers)}
+
+
+def trace_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
+    """The W3C trace context a command carries (`traceparent`, when valid), to carry on to its
+    result, reply and dead letter; empty when there is none."""
+    trace = wire.traceparent(headers.get(wire.TRACEPARENT))
+    return {} if trace is None else {wire.TRACEPARENT: trace}
 
 
 def needs_dead_letter(status: Status) -> bool:
@@ -557,14 +567,18 @@ def needs_dead_letter(status: Status) -> bool:
     return status not in ("ok", "failed")
 
 
-def result_message(result: Result) -> tuple[bytes, str, dict[str, Any]]:
+def result_message(
+    result: Result, command_headers: Mapping[str, Any] | None = None
+) -> tuple[bytes, str, dict[str, Any]]:
     """(body, content_type, headers) of a result message. A download's bytes are the body and
-    the JSON fields go in headers (None left out, `response` as JSON text)."""
+    the JSON fields go in headers (None left out, `response` as JSON text). The command's
+    trace context (from `command_headers`) is carried."""
     headers: dict[str, Any] = {
         "command_id": result.command_id,
         "status": result.status,
         "source": result.source,
         "action": result.action,
+        **trace_headers(command_headers or {}),
     }
     if result.file is not None:
         for key, value in result.fields().items():

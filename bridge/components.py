@@ -163,6 +163,8 @@ def component_event(
     outcome: ComponentOutcome,
     answer: AnswerFields,
     now: float | None = None,
+    *,
+    trace: str | None = None,
 ) -> OutgoingEvent:
     """A component request as an event (publish_as_event): the fields as Simotel sent them,
     the event headers of docs/contract.md §4, plus `component`, `app_name`, `outcome` and
@@ -171,7 +173,7 @@ def component_event(
     name = event_name(component)
     cid = call_id(fields)
     headers = {
-        **wire.event_headers(source, name, received, cid),
+        **wire.event_headers(source, name, received, cid, trace),
         "component": component,
         "app_name": str(fields.get("app_name") or ""),
         "outcome": outcome,
@@ -338,9 +340,11 @@ class ComponentRpc:
         fields: dict[str, Any],
         *,
         received_at: float | None = None,
+        traceparent: object = None,
     ) -> dict[str, Any]:
         """The answer for Simotel, ready before the deadline. `received_at` is the
-        `time.monotonic()` at which the request arrived (default: now)."""
+        `time.monotonic()` at which the request arrived (default: now). A valid `traceparent`
+        (W3C) is carried to the request and its event; without one the request starts a trace."""
         ss = self.settings.sources.get(source)
         if ss is None:
             raise WebhookError(404, "unknown_source", f"no source named {source!r}")
@@ -353,13 +357,14 @@ class ComponentRpc:
         app_name = str(fields.get("app_name") or "")
 
         cid = uuid.uuid4().hex
+        trace = wire.traceparent(traceparent) or wire.new_traceparent()
         answer: AnswerFields | None = None
         if len(self._pending) >= self.max_in_flight:
             outcome: ComponentOutcome = "fallback-overload"
             reason = f"{len(self._pending)} requests in flight"
         else:
             outcome, answer, reason = await self._ask(
-                cid, source, component, app_name, fields, wait_until, ss.components
+                cid, source, component, app_name, fields, wait_until, ss.components, trace
             )
         if answer is None:
             answer = resolve_fallback(ss.components, component, app_name)
@@ -376,7 +381,7 @@ class ComponentRpc:
             log.info("component fallback", **ctx, reason=reason, ms=round(elapsed * 1000, 2))
         if ss.components.publish_as_event and self._events is not None:
             task = asyncio.create_task(
-                self._publish_event(source, component, fields, cid, outcome, answer)
+                self._publish_event(source, component, fields, cid, outcome, answer, trace)
             )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -391,6 +396,7 @@ class ComponentRpc:
         fields: dict[str, Any],
         wait_until: float,
         cs: ComponentSettings,
+        trace: str,
     ) -> tuple[ComponentOutcome, AnswerFields | None, str]:
         """Publish the request and wait for the reply until `wait_until` (loop time)."""
         loop = asyncio.get_running_loop()
@@ -412,7 +418,14 @@ class ComponentRpc:
                     expiration_ms=left_ms,
                     persistent=False,
                     timestamp=time.time(),
-                    headers=self._headers(source, component, app_name, fields, left_ms),
+                    headers=wire.component_request_headers(
+                        source,
+                        component,
+                        app_name,
+                        datetime.fromtimestamp(time.time() + left_ms / 1000, UTC),
+                        call_id(fields),
+                        trace,
+                    ),
                 )
                 key = component_key(source, component, app_name)
                 wire.check(key, message.properties)
@@ -439,22 +452,6 @@ class ComponentRpc:
         finally:
             self._pending.pop(cid, None)
 
-    @staticmethod
-    def _headers(
-        source: str, component: str, app_name: str, fields: dict[str, Any], left_ms: int
-    ) -> dict[str, Any]:
-        deadline = datetime.fromtimestamp(time.time() + left_ms / 1000, UTC)
-        headers: dict[str, Any] = {
-            "source": source,
-            "component": component,
-            "app_name": app_name,
-            "deadline": deadline.isoformat(timespec="milliseconds"),
-        }
-        cid = call_id(fields)
-        if cid:
-            headers["call_id"] = cid
-        return wire.bound_headers(headers)
-
     async def _publish_event(
         self,
         source: str,
@@ -463,6 +460,7 @@ class ComponentRpc:
         message_id: str,
         outcome: ComponentOutcome,
         answer: AnswerFields,
+        trace: str,
     ) -> None:
         assert self._events is not None
         event = component_event(
@@ -473,6 +471,7 @@ class ComponentRpc:
             message_id,
             outcome,
             answer,
+            trace=trace,
         )
         try:
             await self._events.accept(event)

@@ -230,13 +230,16 @@ def build_event(
     *,
     now: float | None = None,
     message_id: str | None = None,
+    traceparent: object = None,
 ) -> OutgoingEvent:
     """The publish for one event webhook: routing key `{source}.{EventName}`, the body as sent,
     and the properties and headers of docs/contract.md §4, inside the wire budget (`bridge.wire`):
-    raises WebhookError(400) for an event that could not be published."""
+    raises WebhookError(400) for an event that could not be published. A valid `traceparent`
+    (the webhook's W3C trace context header) is carried; without one the event starts a trace."""
     received = time.time() if now is None else now
     cid = call_id(payload.fields)
-    headers = event_headers(source, name, received, cid)
+    trace = wire.traceparent(traceparent) or wire.new_traceparent()
+    headers = event_headers(source, name, received, cid, trace)
     body = payload.raw if payload.raw is not None else orjson.dumps(payload.fields)
     return checked(
         OutgoingEvent(

@@ -33,6 +33,8 @@ It is also the one place for the wire *vocabulary* the bridge and the client lib
     REPLY_TO, ERROR_TYPE        the reply queue and the type of a responder's failure reply
 
     APP_ID, json_message        the properties fixed for every body published
+    TRACEPARENT, traceparent,   W3C trace context: a valid incoming `traceparent` is carried to
+    new_traceparent             everything it causes; a webhook without one gets a new one
 
 No I/O: the standard library, aio-pika's message type, pamqp (to measure a frame) and
 bridge.errors only.
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import secrets
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal, get_args
@@ -240,6 +243,35 @@ RECEIVED_AT = "received_at"
 CALL_ID = "call_id"
 
 
+# The component request headers (docs/contract.md §4), beside the event headers above.
+COMPONENT = "component"
+APP_NAME = "app_name"
+DEADLINE = "deadline"
+
+# W3C trace context (https://www.w3.org/TR/trace-context/): the header, on every message.
+TRACEPARENT = "traceparent"
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+
+
+def traceparent(value: object) -> str | None:
+    """`value` if it is a valid version-00 `traceparent` (lower-case hex, a trace id and a
+    parent id that are not all zeros), else None: a malformed one is dropped, never carried."""
+    if not isinstance(value, str) or len(value) != 55:
+        return None
+    m = _TRACEPARENT.fullmatch(value)
+    if m is None or m.group(1) != "00":
+        return None
+    if m.group(2) == "0" * 32 or m.group(3) == "0" * 16:
+        return None
+    return value
+
+
+def new_traceparent() -> str:
+    """A new trace: random trace and parent ids, flag `sampled` (01), so that a consumer whose
+    sampler follows its parent records what the bridge started."""
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+
+
 def event_key(source: str, event: str) -> str:
     """The routing key of an event: `{source}.{EventName}`."""
     return f"{source}.{event}"
@@ -262,13 +294,40 @@ def received_at(when: float) -> str:
     return datetime.fromtimestamp(when, UTC).isoformat(timespec="microseconds")
 
 
-def event_headers(source: str, event: str, received: float, call_id: str | None) -> dict[str, Any]:
-    """The headers every event carries; `call_id` only when there is one. Not yet bounded:
-    callers add their own and pass the whole through `bound_headers`."""
+def event_headers(
+    source: str, event: str, received: float, call_id: str | None, trace: str | None = None
+) -> dict[str, Any]:
+    """The headers every event carries; `call_id` only when there is one, `traceparent` when
+    `trace` is given. Not yet bounded: callers add their own and pass the whole through
+    `bound_headers`."""
     headers: dict[str, Any] = {SOURCE: source, EVENT: event, RECEIVED_AT: received_at(received)}
     if call_id is not None:
         headers[CALL_ID] = call_id
+    if trace is not None:
+        headers[TRACEPARENT] = trace
     return headers
+
+
+def component_request_headers(
+    source: str,
+    component: str,
+    app_name: str,
+    deadline: datetime,
+    call_id: str | None,
+    trace: str | None = None,
+) -> dict[str, Any]:
+    """The headers of a component request (the responder reads them back), bounded."""
+    headers: dict[str, Any] = {
+        SOURCE: source,
+        COMPONENT: component,
+        APP_NAME: app_name,
+        DEADLINE: deadline.isoformat(timespec="milliseconds"),
+    }
+    if call_id:
+        headers[CALL_ID] = call_id
+    if trace is not None:
+        headers[TRACEPARENT] = trace
+    return bound_headers(headers)
 
 
 def json_message(

@@ -490,7 +490,7 @@ class Worker:
     def _steps(self, env: Envelope, result: Result) -> list[Callable[[], Awaitable[None]]]:
         """The publishes that settle a command: result, reply, dead letter (as needed)."""
         key = result_key(result.source, result.action)
-        body, ctype, headers = result_message(result)
+        body, ctype, headers = result_message(result, env.headers)
         amqp = self.settings.amqp
 
         def result_msg() -> aio_pika.Message:

@@ -67,6 +67,7 @@ class ComponentRequest:
     originated_call_id: str | None
     fields: Mapping[str, Any]  # everything Simotel sent, as sent
     deadline: datetime | None  # when the bridge stops waiting (UTC)
+    traceparent: str | None = None  # W3C trace context of the call; the reply carries it
 
     def time_left(self) -> float:
         """Seconds until the bridge answers Simotel without us (inf when unknown), by this
@@ -86,10 +87,10 @@ class ComponentRequest:
             value = body.get(key)
             return "" if value is None else str(value)
 
-        deadline = headers.get("deadline")
+        deadline = headers.get(wire.DEADLINE)
         return cls(
-            source=str(headers.get("source", "")),
-            component=str(headers.get("component", message.type or "")),
+            source=str(headers.get(wire.SOURCE, "")),
+            component=str(headers.get(wire.COMPONENT, message.type or "")),
             app_name=text("app_name"),
             src=text("src"),
             dst=text("dst"),
@@ -98,6 +99,7 @@ class ComponentRequest:
             originated_call_id=text("originated_call_id") or None,
             fields=body,
             deadline=datetime.fromisoformat(deadline) if isinstance(deadline, str) else None,
+            traceparent=wire.traceparent(headers.get(wire.TRACEPARENT)),
         )
 
 
@@ -281,11 +283,13 @@ class Responder:
             log.exception("component handler failed (%s)", component)
             text, _ = wire.fit(f"{type(exc).__name__}: {exc}", 1000)
             reply_type, body = ERROR_TYPE, text.encode()
+        trace = wire.traceparent((message.headers or {}).get(wire.TRACEPARENT))
         reply = aio_pika.Message(
             body,
             content_type="application/json",
             correlation_id=message.correlation_id,
             type=reply_type,
+            headers={} if trace is None else {wire.TRACEPARENT: trace},
         )
         await channel.default_exchange.publish(reply, message.reply_to, mandatory=False)
 

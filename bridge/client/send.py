@@ -30,6 +30,7 @@ import aio_pika.exceptions
 import orjson
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
+from bridge import wire
 from bridge.catalog import lookup
 from bridge.commands import Result, parse_result
 from bridge.errors import InvalidCommand, PublishError, Unroutable
@@ -54,9 +55,11 @@ async def send_command(
     exchange: str = COMMANDS_EXCHANGE,
     timeout: float = 30.0,
     message_id: str | None = None,
+    traceparent: str | None = None,
 ) -> Result:
     """Publish one command, wait for its result (at most `timeout` seconds, which is also the
-    command's deadline) and return it. A download's bytes are in `Result.file`.
+    command's deadline) and return it. A download's bytes are in `Result.file`. A
+    `traceparent` (W3C trace context) goes with the command, and the worker carries it on.
     Raises InvalidCommand (an action Simotel API v4 does not have), Unroutable (nothing bound:
     no worker topology on this vhost), PublishError, TimeoutError."""
     path = action_path(action)
@@ -68,7 +71,9 @@ async def send_command(
         async with asyncio.timeout(timeout):
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         try:
-            return await _exchange(channel, path, data, source, exchange, timeout, message_id)
+            return await _exchange(
+                channel, path, data, source, exchange, timeout, message_id, traceparent
+            )
         finally:
             if not channel.is_closed:
                 await channel.close()
@@ -85,6 +90,7 @@ async def _exchange(
     exchange: str,
     timeout: float,
     message_id: str | None,
+    traceparent: str | None,
 ) -> Result:
     replies = await channel.declare_queue(exclusive=True, auto_delete=True)
     correlation_id = uuid.uuid4().hex
@@ -100,7 +106,11 @@ async def _exchange(
         orjson.dumps({"action": path, "data": data}),
         message_id=message_id or uuid.uuid4().hex,
         type=path,
-        headers={"source": source, "deadline": deadline.isoformat()},
+        headers={
+            wire.SOURCE: source,
+            wire.DEADLINE: deadline.isoformat(),
+            **({wire.TRACEPARENT: traceparent} if traceparent else {}),
+        },
         timestamp=time.time(),
         correlation_id=correlation_id,
         reply_to=replies.name,
