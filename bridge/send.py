@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from bridge import client
-from bridge.amqp import connect_first
+from bridge.amqp import Broker
 from bridge.commands import InvalidCommand, Result
 from bridge.config import Settings
 
@@ -35,14 +35,14 @@ async def send_command(
         source = next(iter(settings.sources))
     elif source not in settings.sources:
         raise InvalidCommand("unknown_source", f"source {source!r} is not configured")
-    connection = await connect_first(
-        settings.amqp.endpoints(),
-        timeout=settings.amqp.connect_timeout,
-        client_properties={"connection_name": "simotel-bridge send"},
-    )
+    # The bridge's Broker, as before: it tries every configured node within connect_timeout
+    # (PublishError when none answers) and declares the topology, so a command sent before any
+    # worker started waits in its queue instead of coming back unroutable.
+    broker = Broker(settings.amqp, name="simotel-bridge send")
+    await broker.connect()
     try:
         return await client.send_command(
-            connection,
+            broker.connection,
             action,
             data,
             source=source,
@@ -51,4 +51,4 @@ async def send_command(
             message_id=message_id,
         )
     finally:
-        await connection.close()
+        await broker.close()

@@ -61,8 +61,11 @@ async def send_command(
     command's deadline) and return it. A download's bytes are in `Result.file`. A
     `traceparent` (W3C trace context) goes with the command, and the worker carries it on.
     Raises InvalidCommand (an action Simotel API v4 does not have), Unroutable (nothing bound:
-    no worker topology on this vhost), PublishError, TimeoutError."""
+    no worker topology on this vhost), PublishError, TimeoutError, ValueError (a malformed
+    `traceparent`); aio-pika's own errors when the broker cannot be reached."""
     path = action_path(action)
+    if traceparent is not None and wire.traceparent(traceparent) is None:
+        raise ValueError("traceparent must be a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)")
     if isinstance(broker, str):
         connection: AbstractConnection = await aio_pika.connect(broker)
     else:
