@@ -43,8 +43,8 @@ bridge.errors only.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
-import secrets
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal, get_args
@@ -269,7 +269,8 @@ def traceparent(value: object) -> str | None:
 def new_traceparent() -> str:
     """A new trace: random trace and parent ids, flag `sampled` (01), so that a consumer whose
     sampler follows its parent records what the bridge started."""
-    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+    ids = os.urandom(24).hex()  # one system call for both ids (the ingress hot path)
+    return f"00-{ids[:32]}-{ids[32:]}-01"
 
 
 def event_key(source: str, event: str) -> str:
