@@ -7,7 +7,7 @@ Three processes on this machine and the local RabbitMQ (a throwaway vhost, delet
   server     uvicorn + the ingress app twice: `/webhooks/...` answers through ComponentRpc
              (HTTP -> RabbitMQ -> responder -> RabbitMQ -> HTTP); `/direct/webhooks/...` is the
              same app whose component handler calls the same routing function in-process.
-  responder  bridge.responder subscribed to the four components.
+  responder  bridge.client.Responder subscribed to the four components.
   client     this process: httpx, closed loops at 1 and 50 callers, then an open loop at a
              fixed rate; latency is measured by the client, request sent -> answer read.
 
@@ -39,8 +39,7 @@ import httpx  # noqa: E402
 import orjson  # noqa: E402
 import uvloop  # noqa: E402
 
-from bridge.components import COMPONENTS, DEFAULT_MAX_IN_FLIGHT, validate_answer  # noqa: E402
-from bridge.responder import (  # noqa: E402
+from bridge.client import (  # noqa: E402
     Answer,
     ComponentRequest,
     ExtenApiAnswer,
@@ -48,7 +47,8 @@ from bridge.responder import (  # noqa: E402
     SmartApiAnswer,
     TrunkApiAnswer,
 )
-from bridge.smartapi import Exit, GetData, PlayAnnouncement  # noqa: E402
+from bridge.client.smartapi import Exit, GetData, PlayAnnouncement  # noqa: E402
+from bridge.components import COMPONENTS, DEFAULT_MAX_IN_FLIGHT, validate_answer  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 AMQP_HOST = os.environ.get("SIMOTEL_BRIDGE_TEST_AMQP_HOST", "127.0.0.1:5672")
@@ -152,7 +152,7 @@ async def serve(url: str) -> None:
 
 
 async def respond(url: str) -> None:
-    from bridge.responder import Responder
+    from bridge.client import Responder
 
     connection = await aio_pika.connect_robust(url)
     stop = asyncio.Event()

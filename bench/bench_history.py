@@ -7,7 +7,7 @@ topology includes the stream, then:
   - sums the sizes of the stream's files (segments and indexes) in the broker's data directory
     (`<data>/mnesia/<node>/stream/<vhost>_simotel.history_*`; needs read access to it), and
     extrapolates to a million events;
-  - reads the whole window back with bridge.history and reports the rate.
+  - reads the whole window back with bridge.client.history_window and reports the rate.
 Usage: .venv/bin/python bench/bench_history.py [--events 100000] [--data /var/lib/rabbitmq]
 """
 
@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import ROOT, fresh_vhost
 
 from bridge import topology
+from bridge.client import history_window
 from bridge.config import AmqpSettings, HistorySettings
-from bridge.history import history_window
 from bridge.translate import Payload, build_event
 
 CDR = orjson.loads((ROOT / "tests" / "fixtures" / "event-Cdr.json").read_bytes())

@@ -37,14 +37,11 @@ from yarl import URL
 from bridge import topology
 from bridge.config import AmqpSettings, HistorySettings, SourceSettings
 from bridge.errors import ConfigError, PublishError
+from bridge.errors import Unroutable as Unroutable  # re-exported: defined in bridge.errors
+from bridge.wire import APP_ID as APP_ID  # re-exported: defined in bridge.wire
+from bridge.wire import json_message as json_message
 
 log = structlog.get_logger("bridge.amqp")
-
-APP_ID = "simotel-bridge"
-
-
-class Unroutable(PublishError):
-    """The broker returned a mandatory publish: no queue is bound to its routing key."""
 
 
 def endpoint(url: URL | str) -> str:
@@ -554,34 +551,3 @@ async def close_quietly(channel: AbstractChannel) -> None:
     with contextlib.suppress(Exception):
         async with asyncio.timeout(5):
             await channel.close()
-
-
-def json_message(
-    body: bytes,
-    *,
-    message_id: str,
-    type: str | None = None,
-    headers: dict[str, Any] | None = None,
-    timestamp: float | None = None,
-    correlation_id: str | None = None,
-    reply_to: str | None = None,
-    expiration_ms: int | None = None,
-    content_type: str = "application/json",
-    persistent: bool = True,
-) -> aio_pika.Message:
-    """A message with the properties the contract fixes for every body we publish."""
-    return aio_pika.Message(
-        body,
-        content_type=content_type,
-        delivery_mode=(
-            aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT
-        ),
-        message_id=message_id,
-        type=type,
-        app_id=APP_ID,
-        headers=headers or {},
-        timestamp=timestamp,
-        correlation_id=correlation_id,
-        reply_to=reply_to,
-        expiration=(expiration_ms / 1000) if expiration_ms is not None else None,
-    )

@@ -12,18 +12,23 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import orjson
 
-from bridge import smartapi, wire
+from bridge import wire
+from bridge.client.answers import DIALPLAN_UNSAFE as DIALPLAN_UNSAFE  # the rules: client side
+from bridge.client.answers import AnswerFields as AnswerFields
+from bridge.client.answers import validate_answer as validate_answer
 from bridge.config import ComponentSettings, Settings
-from bridge.topology import event_key, sanitise
+from bridge.errors import InvalidAnswer as InvalidAnswer  # defined in bridge.errors
 from bridge.translate import OutgoingEvent, call_id, checked
+from bridge.wire import COMPONENTS as COMPONENTS  # defined in bridge.wire
+from bridge.wire import ERROR_TYPE as ERROR_TYPE
+from bridge.wire import Component as Component
+from bridge.wire import event_key, sanitise
 
-Component = Literal["SmartApi", "ExtenApi", "TrunkApi", "IvrApi"]
-COMPONENTS: tuple[Component, ...] = get_args(Component)
-Outcome = Literal[
+ComponentOutcome = Literal[
     "answered",
     "fallback-no-route",
     "fallback-timeout",
@@ -31,90 +36,18 @@ Outcome = Literal[
     "fallback-unavailable",
     "fallback-overload",
 ]
-Answer = dict[str, str]
+# Older names, kept importable for one release.
+Outcome = ComponentOutcome
+Answer = AnswerFields
 
 # Used when nothing is configured. `{"ok": "0"}` is the official packages' explicit failure:
 # SmartApi documents that a failed or incorrect reply leaves through output `e`, and ExtenApi /
 # TrunkApi leave through `F`. Configure a real answer (an operator extension, an IVR case) for
 # anything that must not fail.
-DEFAULT_FALLBACK: Answer = {"ok": "0"}
-# Message type a responder uses to say "I failed": the fallback is taken at once.
-ERROR_TYPE = "error"
+DEFAULT_FALLBACK: AnswerFields = {"ok": "0"}
 # Replies larger than this are refused before they are parsed. The largest valid answer (a
 # SmartApi script of 64 commands) is about 20 KB.
 DEFAULT_MAX_ANSWER_BYTES = 65536
-
-
-class InvalidAnswer(ValueError):
-    """A responder's answer cannot be sent to Simotel."""
-
-
-def _text(answer: dict[str, Any], key: str) -> str:
-    value = answer.get(key)
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)
-    if not isinstance(value, str):
-        raise InvalidAnswer(f"{key!r} must be a string")
-    return value
-
-
-def _dialable(answer: dict[str, Any], key: str) -> str:
-    value = _text(answer, key)
-    if not smartapi.DIALABLE.fullmatch(value):
-        raise InvalidAnswer(f"{key!r} must match {smartapi.DIALABLE.pattern}, got {value!r}")
-    return value
-
-
-# Characters the dialplan gives a meaning to where TrunkApi's trunk and IvrApi's case end up:
-# `&` joins dial targets, `${...}` expands a variable or a function, `|` is the old separator.
-DIALPLAN_UNSAFE = frozenset("&${}|")
-
-
-def _safe(answer: dict[str, Any], key: str) -> str:
-    """A text value of a TrunkApi / IvrApi answer: SmartApi's text rules (no quotes, separators,
-    look-alikes or control characters) and none of DIALPLAN_UNSAFE."""
-    try:
-        value = smartapi.check_text(_text(answer, key), repr(key))
-    except smartapi.SmartApiError as exc:
-        raise InvalidAnswer(str(exc)) from None
-    bad = DIALPLAN_UNSAFE.intersection(value)
-    if bad:
-        raise InvalidAnswer(f"{key!r} must not contain {''.join(sorted(bad))!r}")
-    return value
-
-
-def validate_answer(component: str, answer: object) -> Answer:
-    """Check an answer against what `component` needs and return it in canonical form: string
-    values, only the keys Simotel reads, SmartApi commands re-rendered from the parsed script.
-    `{"ok": "0"}` (explicit failure) is valid for every component. Raises InvalidAnswer."""
-    if not isinstance(answer, dict):
-        raise InvalidAnswer("the answer must be a JSON object")
-    ok = answer.get("ok")
-    if ok in ("0", 0) and not isinstance(ok, bool):
-        return {"ok": "0"}
-    if ok not in ("1", 1) or isinstance(ok, bool):
-        raise InvalidAnswer('"ok" must be "1" (or "0" for an explicit failure)')
-    if component == "ExtenApi":
-        return {"ok": "1", "extension": _dialable(answer, "extension")}
-    if component == "TrunkApi":
-        limit = _text(answer, "call_limit")
-        if not limit.isascii() or not limit.isdigit() or len(limit) > 7:
-            raise InvalidAnswer(f"'call_limit' must be a number of seconds, got {limit!r}")
-        return {
-            "ok": "1",
-            "trunk": _safe(answer, "trunk"),
-            "extension": _dialable(answer, "extension"),
-            "call_limit": str(int(limit)),
-        }
-    if component == "IvrApi":
-        return {"ok": "1", "case": _safe(answer, "case")}
-    if component == "SmartApi":
-        try:
-            script = smartapi.build(smartapi.parse(_text(answer, "commands")))
-        except smartapi.SmartApiError as exc:
-            raise InvalidAnswer(f"'commands': {exc}") from None
-        return {"ok": "1", "commands": script}
-    raise InvalidAnswer(f"unknown component {component!r}")
 
 
 def resolve_fallback(cs: ComponentSettings, component: str, app_name: str) -> Answer:
@@ -174,26 +107,25 @@ def component_event(
     component: str,
     fields: dict[str, Any],
     message_id: str,
-    outcome: Outcome,
-    answer: Answer,
+    outcome: ComponentOutcome,
+    answer: AnswerFields,
     now: float | None = None,
+    *,
+    trace: str | None = None,
 ) -> OutgoingEvent:
     """A component request as an event (publish_as_event): the fields as Simotel sent them,
-    the event headers of CONTRACT §4, plus `component`, `app_name`, `outcome` and `answer`."""
+    the event headers of docs/contract.md §4, plus `component`, `app_name`, `outcome` and
+    `answer`."""
     received = time.time() if now is None else now
     name = event_name(component)
+    cid = call_id(fields)
     headers = {
-        "source": source,
-        "event": name,
-        "received_at": datetime.fromtimestamp(received, UTC).isoformat(timespec="microseconds"),
+        **wire.event_headers(source, name, received, cid, trace),
         "component": component,
         "app_name": str(fields.get("app_name") or ""),
         "outcome": outcome,
         "answer": orjson.dumps(answer).decode(),
     }
-    cid = call_id(fields)
-    if cid is not None:
-        headers["call_id"] = cid
     # The body keeps every field as sent; a header over its budget is cut and listed in
     # `truncated`, so the event can always be published (and never blocks the spool).
     return checked(
@@ -212,17 +144,16 @@ def component_event(
 
 
 def request_headers(
-    source: str, component: str, app_name: str, fields: dict[str, Any], left_ms: int
+    source: str,
+    component: str,
+    app_name: str,
+    fields: dict[str, Any],
+    left_ms: int,
+    trace: str | None = None,
 ) -> dict[str, Any]:
-    """The headers of a component request: who asks, and the deadline its answer must meet."""
+    """The headers of a component request: who asks, the deadline its answer must meet, and
+    the trace it belongs to (the responder reads them back with the same names)."""
     deadline = datetime.fromtimestamp(time.time() + left_ms / 1000, UTC)
-    headers: dict[str, Any] = {
-        "source": source,
-        "component": component,
-        "app_name": app_name,
-        "deadline": deadline.isoformat(timespec="milliseconds"),
-    }
-    cid = call_id(fields)
-    if cid:
-        headers["call_id"] = cid
-    return wire.bound_headers(headers)
+    return wire.component_request_headers(
+        source, component, app_name, deadline, call_id(fields), trace
+    )

@@ -4,13 +4,13 @@ pure functions over plain values, no I/O.
     reports/cdr/ordered/id    CDR records          -> a `Cdr` event
     reports/queue/ordered/id  queue_stat records   -> a `CdrQueue` event
 
-Field names and formats are those of the webhooks (webhooks.md, "Cdr" and "CdrQueue"): times in
-the webhook's Gregorian `YYYY-MM-DD HH:MM:SS.ffffff` (UTC), numbers as the webhook types them
-(integers in Cdr, strings in CdrQueue). Records carry Jalali date strings (`1402-04-28 19:34:16`),
-MongoDB extended JSON (`{"$date": {"$numberLong": "..."}}`, `{"$oid": "..."}`) and Gregorian
-strings side by side (api-v4.md §3.4); every form is read. Jalali dates are converted with
-`jdatetime`. Clock times without a zone are UTC, as Simotel writes them by default. The record
-itself goes, as it came, under `RAW_KEY`.
+Field names and formats are those of the webhooks (docs/simotel/webhooks.md, "Cdr" and "CdrQueue"):
+times in the webhook's Gregorian `YYYY-MM-DD HH:MM:SS.ffffff` (UTC), numbers as the webhook types
+them (integers in Cdr, strings in CdrQueue). Records carry Jalali date strings (`1402-04-28
+19:34:16`), MongoDB extended JSON (`{"$date": {"$numberLong": "..."}}`, `{"$oid": "..."}`) and
+Gregorian strings side by side (docs/simotel/api-v4.md §3.4); every form is read. Jalali dates are
+converted with `jdatetime`. Clock times without a zone are UTC, as Simotel writes them by default.
+The record itself goes, as it came, under `RAW_KEY`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from typing import Any, Literal
 
 import jdatetime
 import orjson
+
+from bridge.errors import RecordError as RecordError  # re-exported: defined in bridge.errors
 
 Feed = Literal["cdr", "queue"]
 FEEDS: tuple[Feed, ...] = ("cdr", "queue")
@@ -46,10 +48,6 @@ _DATETIME = re.compile(
     r"^\s*(\d{4})-(\d{1,2})-(\d{1,2})(?:[ T](\d{1,2}):(\d{2})(?::(\d{2})(?:\.(\d{1,6}))?)?)?"
     r"\s*(Z|[+-]00:?00)?\s*$"
 )
-
-
-class RecordError(ValueError):
-    """A record that cannot become an event (no `_id`, no call id)."""
 
 
 def plain(value: Any) -> Any:

@@ -1,4 +1,4 @@
-"""The `simotel-bridge` command line (CONTRACT §5)."""
+"""The `simotel-bridge` command line (docs/contract.md §5)."""
 
 from __future__ import annotations
 
@@ -156,7 +156,7 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 
 def _when(text: str) -> datetime:
     """argparse type for --since / --until: `10m`, `2h`, `1h30m`, `now` or ISO 8601."""
-    from bridge.history import parse_when
+    from bridge.client.history import parse_when
 
     try:
         return parse_when(text)

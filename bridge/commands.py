@@ -1,4 +1,4 @@
-"""Commands, the pure core of the worker (CONTRACT §4): no I/O, only plain values.
+"""Commands, the pure core of the worker (docs/contract.md §4): no I/O, only plain values.
 
     Envelope  --parse_command-->  Command  --build_request-->  HttpRequest
     HttpAnswer  --interpret-->  Outcome  --make_result-->  Result  --result_message--> AMQP parts
@@ -23,8 +23,8 @@ import orjson
 
 from bridge import wire
 from bridge.catalog import Endpoint, lookup
-from bridge.errors import CommandError
-from bridge.topology import command_key
+from bridge.errors import InvalidCommand as InvalidCommand  # re-exported: defined in bridge.errors
+from bridge.wire import command_key
 
 Status = Literal["ok", "failed", "error", "rejected", "expired", "unknown"]
 STATUSES: tuple[Status, ...] = ("ok", "failed", "error", "rejected", "expired", "unknown")
@@ -59,15 +59,6 @@ def quoted(value: Any) -> str:
     """A value from a message, for an error text: its repr, cut short."""
     text = repr(value)
     return text if len(text) <= _MAX_QUOTED else text[: _MAX_QUOTED - 3] + "..."
-
-
-class InvalidCommand(CommandError):
-    """A command that cannot be executed. `reason` is a short code (the dead-letter header and
-    metric label), `detail` the sentence that goes into the result's `error`."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(reason)
-        self.detail = detail
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +161,7 @@ class Result:
     content_type: str | None = None
 
     def fields(self) -> dict[str, Any]:
-        """The result body of CONTRACT §4, in its order."""
+        """The result body of docs/contract.md §4, in its order."""
         return {
             "command_id": self.command_id,
             "action": self.action,
@@ -450,7 +441,7 @@ def _envelope(endpoint: Endpoint, status: int, doc: Any) -> Outcome:
 
 
 def interpret(endpoint: Endpoint, answer: HttpAnswer) -> Outcome:
-    """Map Simotel's HTTP answer to an outcome (api-v4.md §2, §7)."""
+    """Map Simotel's HTTP answer to an outcome (docs/simotel/api-v4.md §2, §7)."""
     code = answer.status
     ctype = answer.content_type.split(";", 1)[0].strip().lower()
     is_json = ctype == "application/json" or ctype.endswith("+json")
@@ -597,12 +588,22 @@ def make_delivery_limit(
 
 def copied_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
     """A command's own headers, to copy into its dead letter: all of them when they are small
-    (MAX_COPIED_HEADERS bytes as JSON), else none and `headers_dropped: true`."""
+    (MAX_COPIED_HEADERS bytes as JSON), else none and `headers_dropped: true` (but a valid
+    `traceparent` all the same: the trace goes on)."""
     try:
         size = len(orjson.dumps(dict(headers), default=repr))
     except (TypeError, orjson.JSONEncodeError):
         size = MAX_COPIED_HEADERS + 1
-    return dict(headers) if size <= MAX_COPIED_HEADERS else {"headers_dropped": True}
+    if size <= MAX_COPIED_HEADERS:
+        return dict(headers)
+    return {"headers_dropped": True, **trace_headers(headers)}
+
+
+def trace_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
+    """The W3C trace context a command carries (`traceparent`, when valid), to carry on to its
+    result, reply and dead letter; empty when there is none."""
+    trace = wire.traceparent(headers.get(wire.TRACEPARENT))
+    return {} if trace is None else {wire.TRACEPARENT: trace}
 
 
 def needs_dead_letter(status: Status) -> bool:
@@ -610,14 +611,18 @@ def needs_dead_letter(status: Status) -> bool:
     return status not in ("ok", "failed")
 
 
-def result_message(result: Result) -> tuple[bytes, str, dict[str, Any]]:
+def result_message(
+    result: Result, command_headers: Mapping[str, Any] | None = None
+) -> tuple[bytes, str, dict[str, Any]]:
     """(body, content_type, headers) of a result message. A download's bytes are the body and
-    the JSON fields go in headers (None left out, `response` as JSON text)."""
+    the JSON fields go in headers (None left out, `response` as JSON text). The command's
+    trace context (from `command_headers`) is carried."""
     headers: dict[str, Any] = {
         "command_id": result.command_id,
         "status": result.status,
         "source": result.source,
         "action": result.action,
+        **trace_headers(command_headers or {}),
     }
     if result.file is not None:
         for key, value in result.fields().items():

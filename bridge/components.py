@@ -1,10 +1,10 @@
 """Dialplan components (SmartApi, ExtenApi, TrunkApi, IvrApi) answered over RabbitMQ.
 
-Simotel calls a component URL during a live call and waits one second (webhooks.md §5). The
-bridge publishes the request to `simotel.components` with routing key
-`{source}.{Component}.{app_name}`, `reply_to` = RabbitMQ direct reply-to, a `correlation_id` and
-an `expiration` equal to the time left, and answers Simotel before the deadline with either the
-responder's (validated) answer or the configured fallback:
+Simotel calls a component URL during a live call and waits one second
+(docs/simotel/webhooks.md §5). The bridge publishes the request to `simotel.components` with
+routing key `{source}.{Component}.{app_name}`, `reply_to` = RabbitMQ direct reply-to, a
+`correlation_id` and an `expiration` equal to the time left, and answers Simotel before the
+deadline with either the responder's (validated) answer or the configured fallback:
 
     answered              a valid answer arrived in time
     fallback-no-route     no queue is bound to the key: the broker returned the mandatory
@@ -55,7 +55,9 @@ from bridge.answers import (
     DIALPLAN_UNSAFE,
     ERROR_TYPE,
     Answer,
+    AnswerFields,
     Component,
+    ComponentOutcome,
     InvalidAnswer,
     Outcome,
     component_event,
@@ -70,8 +72,8 @@ from bridge.answers import (
 from bridge.config import ComponentSettings, Settings
 from bridge.errors import BridgeError, ConfigError, WebhookError
 from bridge.metrics import ComponentMetrics
-from bridge.topology import component_key
 from bridge.translate import OutgoingEvent
+from bridge.wire import REPLY_TO, component_key
 
 # The pure part lives in bridge.answers; these names are kept importable from here.
 __all__ = [
@@ -83,11 +85,13 @@ __all__ = [
     "ERROR_TYPE",
     "REPLY_TO",
     "Answer",
+    "AnswerFields",
     "Component",
     "ComponentEvents",
     "ComponentMetrics",
+    "ComponentOutcome",
     "ComponentRpc",
-    "EventSink",
+    "EventAcceptor",
     "InvalidAnswer",
     "Outcome",
     "component_event",
@@ -101,7 +105,6 @@ __all__ = [
 
 log = structlog.get_logger("bridge.components")
 
-REPLY_TO = "amq.rabbitmq.reply-to"
 # Time kept back from the deadline to serialise and write the answer.
 SEND_MARGIN_S = 0.003
 _REMEMBER_EXPIRED = 4096
@@ -112,7 +115,7 @@ _REMEMBER_EXPIRED = 4096
 DEFAULT_MAX_IN_FLIGHT = 2048
 
 
-class EventSink(Protocol):
+class EventAcceptor(Protocol):
     """Where component events go (the ingress's sink: broker confirm or the local spool)."""
 
     async def accept(self, event: OutgoingEvent) -> str: ...
@@ -131,7 +134,7 @@ class ComponentRpc:
         settings: Settings,
         metrics: ComponentMetrics,
         *,
-        events: EventSink | None = None,
+        events: EventAcceptor | None = None,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:
         problems = fallback_problems(settings)
@@ -216,9 +219,11 @@ class ComponentRpc:
         fields: dict[str, Any],
         *,
         received_at: float | None = None,
+        traceparent: object = None,
     ) -> dict[str, Any]:
         """The answer for Simotel, ready before the deadline. `received_at` is the
-        `time.monotonic()` at which the request arrived (default: now)."""
+        `time.monotonic()` at which the request arrived (default: now). A valid `traceparent`
+        (W3C) is carried to the request and its event; without one the request starts a trace."""
         ss = self.settings.sources.get(source)
         if ss is None:
             raise WebhookError(404, "unknown_source", f"no source named {source!r}")
@@ -231,13 +236,14 @@ class ComponentRpc:
         app_name = str(fields.get("app_name") or "")
 
         cid = uuid.uuid4().hex
-        answer: Answer | None = None
+        trace = wire.traceparent(traceparent) or wire.new_traceparent()
+        answer: AnswerFields | None = None
         if len(self._pending) >= self.max_in_flight:
-            outcome: Outcome = "fallback-overload"
+            outcome: ComponentOutcome = "fallback-overload"
             reason = f"{len(self._pending)} requests in flight"
         else:
             outcome, answer, reason = await self._ask(
-                cid, source, component, app_name, fields, wait_until, ss.components
+                cid, source, component, app_name, fields, wait_until, ss.components, trace
             )
         if answer is None:
             answer = resolve_fallback(ss.components, component, app_name)
@@ -253,7 +259,7 @@ class ComponentRpc:
         else:
             log.info("component fallback", **ctx, reason=reason, ms=round(elapsed * 1000, 2))
         if ss.components.publish_as_event:
-            self.events.publish(source, component, fields, cid, outcome, answer)
+            self.events.publish(source, component, fields, cid, outcome, answer, trace)
         return answer
 
     async def _ask(
@@ -265,7 +271,8 @@ class ComponentRpc:
         fields: dict[str, Any],
         wait_until: float,
         cs: ComponentSettings,
-    ) -> tuple[Outcome, Answer | None, str]:
+        trace: str,
+    ) -> tuple[ComponentOutcome, AnswerFields | None, str]:
         """Publish the request and wait for the reply until `wait_until` (loop time)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[str | None, bytes]] = loop.create_future()
@@ -286,7 +293,7 @@ class ComponentRpc:
                     expiration_ms=left_ms,
                     persistent=False,
                     timestamp=time.time(),
-                    headers=request_headers(source, component, app_name, fields, left_ms),
+                    headers=request_headers(source, component, app_name, fields, left_ms, trace),
                 )
                 key = component_key(source, component, app_name)
                 wire.check(key, message.properties)
@@ -324,7 +331,7 @@ class ComponentEvents:
     there is none, to a publisher of its own started by `start()`."""
 
     def __init__(
-        self, exchange: str, metrics: ComponentMetrics, sink: EventSink | None = None
+        self, exchange: str, metrics: ComponentMetrics, sink: EventAcceptor | None = None
     ) -> None:
         self.exchange = exchange
         self.metrics = metrics
@@ -344,19 +351,20 @@ class ComponentEvents:
         component: str,
         fields: dict[str, Any],
         message_id: str,
-        outcome: Outcome,
-        answer: Answer,
+        outcome: ComponentOutcome,
+        answer: AnswerFields,
+        trace: str,
     ) -> None:
         if self._sink is None:
             return
         event = component_event(
-            self.exchange, source, component, fields, message_id, outcome, answer
+            self.exchange, source, component, fields, message_id, outcome, answer, trace=trace
         )
         task = asyncio.create_task(self._accept(self._sink, event))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _accept(self, sink: EventSink, event: OutgoingEvent) -> None:
+    async def _accept(self, sink: EventAcceptor, event: OutgoingEvent) -> None:
         try:
             await sink.accept(event)
         except BridgeError as exc:

@@ -27,10 +27,10 @@ from pydantic import (
 )
 
 from bridge.errors import ConfigError
+from bridge.wire import COMPONENTS as COMPONENTS  # re-exported
 
 ENV_PREFIX = "SIMOTEL_BRIDGE__"
 SOURCE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
-COMPONENTS = ("SmartApi", "ExtenApi", "TrunkApi", "IvrApi")
 MAX_AMQP_URLS = 16
 AMQP_URL = re.compile(r"^amqps?://[^/\s?#]+(/\S*)?$")
 
@@ -265,7 +265,8 @@ class ReconcileSettings(_Model):
 
 
 class SourceSettings(_Model):
-    # Required: a source is open only if it says `allow_unauthenticated: true` (CONTRACT §6).
+    # Required: a source is open only if it says `allow_unauthenticated: true`
+    # (docs/contract.md §6).
     webhook: WebhookAuth
     api: ApiSettings | None = None
     components: ComponentSettings = ComponentSettings()

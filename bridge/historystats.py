@@ -23,7 +23,7 @@ import structlog
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
 from bridge.amqp import Broker
-from bridge.history import HISTORY_STREAM, event_time, stream_offset
+from bridge.client.history import HISTORY_STREAM, event_time, stream_offset
 from bridge.metrics import HistoryMetrics
 
 log = structlog.get_logger("bridge.historystats")

@@ -254,7 +254,9 @@ def create_app(
         try:
             source, payload = await admit(request)
             name = translate.event_name(payload.fields, request.path_params.get("event"))
-            event = translate.build_event(exchange, source, name, payload)
+            event = translate.build_event(
+                exchange, source, name, payload, traceparent=request.headers.get("traceparent")
+            )
             fields.update(
                 event_name=name,
                 message_id=event.message_id,

@@ -41,21 +41,15 @@ from bridge import cdr, topology
 from bridge.amqp import Publisher, connect_first
 from bridge.catalog import CATALOG
 from bridge.config import ApiSettings, ReconcileSettings, Settings
-from bridge.errors import BridgeError, PublishError
+from bridge.errors import LockLost as LockLost  # re-exported: defined in bridge.errors
+from bridge.errors import PublishError
+from bridge.errors import ReconcileError as ReconcileError
 from bridge.metrics import ReconcileMetrics
 from bridge.translate import MAX_CALL_ID, OutgoingEvent, Payload, build_event
 
 log = structlog.get_logger("bridge.reconcile")
 
 DRAIN_BATCH = 500  # seen messages stored (and acknowledged) together
-
-
-class ReconcileError(BridgeError):
-    """A reconciliation pass cannot go on: Simotel's answer is unusable."""
-
-
-class LockLost(ReconcileError):
-    """This process no longer holds the source's lock (its connection went away)."""
 
 
 class ReconcileStore(Protocol):

@@ -25,16 +25,12 @@ import orjson
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 
 from bridge.amqp import connect_first
-from bridge.errors import BridgeError
-from bridge.history import DEFAULT_SKEW, HISTORY_STREAM, event_time, history_window
+from bridge.client.history import DEFAULT_SKEW, HISTORY_STREAM, event_time, history_window
+from bridge.errors import ReplayError as ReplayError  # re-exported: defined in bridge.errors
 
 IN_FLIGHT = 256  # publishes awaiting their confirm at once
 REPLAYED_HEADER = "replayed"
 _BROKER_HEADERS = ("x-stream-offset",)
-
-
-class ReplayError(BridgeError):
-    """The replay cannot go on: no such target, a publish not confirmed or not routable."""
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ from bridge import httpserver
 from bridge.amqp import Broker, Publisher
 from bridge.components import ComponentMetrics, ComponentRpc
 from bridge.config import Settings
-from bridge.errors import BridgeError, ConfigError
+from bridge.errors import ConfigError
+from bridge.errors import RoleFailed as RoleFailed  # re-exported: defined in bridge.errors
 from bridge.ingress import create_app, listener_guard
 from bridge.metrics import Metrics
 from bridge.signals import install_signals
@@ -23,10 +24,6 @@ from bridge.sink import EventSink, SpoolMetrics
 log = structlog.get_logger("bridge.runtime")
 
 __all__ = ["RoleFailed", "install_signals", "serve"]
-
-
-class RoleFailed(BridgeError):
-    """A role (HTTP server, worker) stopped on its own; the process exits non-zero."""
 
 
 async def serve(settings: Settings, roles: frozenset[str], stop: asyncio.Event) -> None:

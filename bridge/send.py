@@ -1,21 +1,19 @@
-"""`simotel-bridge send ACTION [JSON]`: publish one command, wait for its result."""
+"""`simotel-bridge send ACTION [JSON]`: publish one command, wait for its result.
+
+The work is done by `bridge.client.send_command` (a URL or a connection, and the names); this
+module takes the names and the broker from the bridge's configuration. Importing
+`send_command` from here for a service of your own is kept for one release: use
+`bridge.client.send_command`, which needs no configuration.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import time
-import uuid
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import orjson
-from aio_pika.abc import AbstractIncomingMessage
-
-from bridge.amqp import Broker, Publisher, json_message
-from bridge.catalog import lookup
-from bridge.commands import InvalidCommand, Result, parse_result
+from bridge import client
+from bridge.amqp import Broker
+from bridge.commands import InvalidCommand, Result
 from bridge.config import Settings
-from bridge.topology import command_key
 
 
 async def send_command(
@@ -30,45 +28,27 @@ async def send_command(
     """Publish one command, wait for its result (at most `timeout` seconds, which is also the
     command's deadline) and return it. A download's bytes are in `Result.file`.
     Raises InvalidCommand (unknown action/source), PublishError, TimeoutError."""
-    endpoint = lookup(action)
-    if endpoint is None:
-        raise InvalidCommand("unknown_action", f"{action!r} is not a Simotel API v4 action")
+    client.send.action_path(action)  # an unknown action is refused before connecting
     if source is None:
         if len(settings.sources) != 1:
             raise InvalidCommand("unknown_source", "several sources are configured: name one")
         source = next(iter(settings.sources))
     elif source not in settings.sources:
         raise InvalidCommand("unknown_source", f"source {source!r} is not configured")
+    # The bridge's Broker, as before: it tries every configured node within connect_timeout
+    # (PublishError when none answers) and declares the topology, so a command sent before any
+    # worker started waits in its queue instead of coming back unroutable.
     broker = Broker(settings.amqp, name="simotel-bridge send")
     await broker.connect()
     try:
-        channel = await broker.channel()
-        replies = await channel.declare_queue(exclusive=True, auto_delete=True)
-        correlation_id = uuid.uuid4().hex
-        answer: asyncio.Future[AbstractIncomingMessage] = asyncio.get_running_loop().create_future()
-
-        async def on_reply(message: AbstractIncomingMessage) -> None:
-            if message.correlation_id == correlation_id and not answer.done():
-                answer.set_result(message)
-
-        await replies.consume(on_reply, no_ack=True)
-        deadline = datetime.now(UTC) + timedelta(seconds=timeout)
-        message = json_message(
-            orjson.dumps({"action": endpoint.path, "data": data}),
-            message_id=message_id or uuid.uuid4().hex,
-            type=endpoint.path,
-            headers={"source": source, "deadline": deadline.isoformat()},
-            timestamp=time.time(),
-            correlation_id=correlation_id,
-            reply_to=replies.name,
+        return await client.send_command(
+            broker.connection,
+            action,
+            data,
+            source=source,
+            exchange=settings.amqp.exchanges.commands,
+            timeout=timeout,
+            message_id=message_id,
         )
-        publisher = Publisher(broker)
-        await publisher.start()
-        await publisher.publish(
-            settings.amqp.exchanges.commands, command_key(source, endpoint.path), message
-        )
-        async with asyncio.timeout(timeout):
-            reply = await answer
-        return parse_result(reply.body, reply.content_type, dict(reply.headers or {}))
     finally:
         await broker.close()

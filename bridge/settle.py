@@ -191,7 +191,7 @@ class Settler:
     def _steps(self, env: Envelope, result: Result) -> list[Step]:
         """The publishes that settle a command: result, reply, dead letter (as needed)."""
         key = result_key(result.source, result.action)
-        body, ctype, headers = result_message(result)
+        body, ctype, headers = result_message(result, env.headers)
         amqp = self.settings.amqp
 
         def result_msg() -> aio_pika.Message:

@@ -29,10 +29,9 @@ from typing import Literal
 
 import orjson
 
-from bridge.errors import PublishError
+from bridge.errors import SpoolFull as SpoolFull  # re-exported: defined in bridge.errors
+from bridge.errors import Undecodable as Undecodable
 from bridge.translate import OutgoingEvent
-
-SpoolFullReason = Literal["messages", "bytes", "error", "locked", "disabled", "closed"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS spool (
@@ -69,15 +68,6 @@ _COLUMNS = (
     "seq, spooled_at, size, exchange, routing_key, message_id, event, source, call_id, "
     "timestamp, headers, body"
 )
-
-
-class SpoolFull(PublishError):
-    """The spool cannot take the event: a bound is reached, the disk failed, or there is no
-    spool. The ingress answers 503. `reason` is one of `SpoolFullReason`."""
-
-    def __init__(self, reason: SpoolFullReason, detail: str) -> None:
-        self.reason: SpoolFullReason = reason
-        super().__init__(f"spool cannot take the event ({reason}): {detail}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,10 +426,6 @@ def _quarantined(r: tuple[object, ...]) -> Quarantined:
     assert isinstance(seq, int) and isinstance(at, float) and isinstance(attempts, int)
     assert isinstance(size, int) and state in ("pending", "sent", "failed")
     return Quarantined(seq, at, str(reason), state, attempts, spooled_at, size, *rest)
-
-
-class Undecodable(ValueError):
-    """A spooled row whose columns do not make an event (a damaged or foreign file)."""
 
 
 def _row(r: tuple[object, ...]) -> Spooled:

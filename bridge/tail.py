@@ -201,7 +201,7 @@ async def tail_since(
     which the history does not keep, live from the start, printed once the history part is
     done. `ready` is set when the history part has been printed. Returns how many lines were
     printed."""
-    from bridge.history import HISTORY_STREAM, history_window
+    from bridge.client.history import HISTORY_STREAM, history_window
 
     names = settings.amqp.exchanges
     is_tty = out.isatty() if hasattr(out, "isatty") else False

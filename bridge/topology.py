@@ -2,7 +2,7 @@
 it. Declaring is idempotent: every role declares everything at every start, so the roles can
 start in any order and a fresh vhost needs no manual set-up.
 
-Routing keys (CONTRACT §3):
+Routing keys (docs/contract.md §3; the functions live in `bridge.wire`, re-exported here):
     events              {source}.{EventName}                 simotel.Cdr
     component requests  {source}.{Component}.{app_name}      simotel.SmartApi.vip_route
     commands / results  {source}.{action, / replaced by .}   simotel.call.originate.act
@@ -10,7 +10,6 @@ Routing keys (CONTRACT §3):
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,33 +18,13 @@ import aio_pika
 import aio_pika.exceptions
 from aio_pika.abc import AbstractChannel
 
-from bridge import wire
 from bridge.config import AmqpSettings, HistorySettings, SourceSettings
 from bridge.errors import ConfigError
-from bridge.history import HISTORY_STREAM
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9_]")
-
-
-def sanitise(word: str) -> str:
-    """Restrict a name taken from a request to `[A-Za-z0-9_]` (anything else becomes `_`), so it
-    can never add a level or a wildcard to a routing key. Empty becomes `_`."""
-    return _UNSAFE.sub("_", word) or "_"
-
-
-def event_key(source: str, event: str) -> str:
-    return f"{source}.{event}"
-
-
-def component_key(source: str, component: str, app_name: str | None) -> str:
-    """`app_name` becomes one routing-key word (`wire.key_word`: sanitised, at most 128
-    characters, a longer one cut and ended with a hash of the whole). The bridge publishes and
-    the responders bind with this same function, so they always agree."""
-    return f"{source}.{component}.{wire.key_word(app_name or '')}"
-
-
-def command_key(source: str, action: str) -> str:
-    return f"{source}.{action.replace('/', '.')}"
+from bridge.wire import HISTORY_STREAM
+from bridge.wire import command_key as command_key  # re-exported: the keys live in bridge.wire
+from bridge.wire import component_key as component_key
+from bridge.wire import event_key as event_key
+from bridge.wire import sanitise as sanitise
 
 
 @dataclass(frozen=True)

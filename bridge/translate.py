@@ -1,9 +1,10 @@
 """Turning a webhook into a publish: pure functions over plain values, no I/O.
 
-Simotel delivers the same event in four forms (webhooks.md §2.2): a JSON body (G4/Rest4 POST), a
-query string (GET), a form body (v2/v3 POST) or a query string on a POST with an empty body.
+Simotel delivers the same event in four forms (docs/simotel/webhooks.md §2.2): a JSON body
+(G4/Rest4 POST), a query string (GET), a form body (v2/v3 POST) or a query string on a POST with
+an empty body.
 `parse_payload` reads all of them into one dict; `event_name` finds the name where each Simotel
-version puts it; `build_event` fixes the routing key, properties and headers of CONTRACT §4.
+version puts it; `build_event` fixes the routing key, properties and headers of docs/contract.md §4.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from aiormq import spec
 from bridge import wire
 from bridge.amqp import APP_ID, json_message
 from bridge.errors import WebhookError, WireError
-from bridge.topology import event_key, sanitise
+from bridge.wire import COMPONENTS as COMPONENTS  # re-exported: defined in bridge.wire
+from bridge.wire import event_headers, event_key, sanitise
 
-# Every event name Simotel documents (webhooks.md §3), in the catalog's spelling. Names are
-# matched case-insensitively (`CDR`, `cdr` -> `Cdr`); unknown names pass through, sanitised.
+# Every event name Simotel documents (docs/simotel/webhooks.md §3), in the catalog's spelling.
+# Names are matched case-insensitively (`CDR`, `cdr` -> `Cdr`); unknown names pass through,
+# sanitised.
 KNOWN_EVENTS: tuple[str, ...] = (
     "NewState",
     "IncomingCall",
@@ -49,7 +52,6 @@ KNOWN_EVENTS: tuple[str, ...] = (
 )
 _BY_LOWER = {name.lower(): name for name in KNOWN_EVENTS}
 
-COMPONENTS: tuple[str, ...] = ("SmartApi", "ExtenApi", "TrunkApi", "IvrApi")
 _COMPONENTS_BY_LOWER = {name.lower(): name for name in COMPONENTS}
 
 # Keys that carry the event name, in order of preference (Survey sends `event`).
@@ -229,19 +231,16 @@ def build_event(
     *,
     now: float | None = None,
     message_id: str | None = None,
+    traceparent: object = None,
 ) -> OutgoingEvent:
     """The publish for one event webhook: routing key `{source}.{EventName}`, the body as sent,
-    and the properties and headers of CONTRACT §4, inside the wire budget (`bridge.wire`):
-    raises WebhookError(400) for an event that could not be published."""
+    and the properties and headers of docs/contract.md §4, inside the wire budget (`bridge.wire`):
+    raises WebhookError(400) for an event that could not be published. A valid `traceparent`
+    (the webhook's W3C trace context header) is carried; without one the event starts a trace."""
     received = time.time() if now is None else now
     cid = call_id(payload.fields)
-    headers = {
-        "source": source,
-        "event": name,
-        "received_at": datetime.fromtimestamp(received, UTC).isoformat(timespec="microseconds"),
-    }
-    if cid is not None:
-        headers["call_id"] = cid
+    trace = wire.traceparent(traceparent) or wire.new_traceparent()
+    headers = event_headers(source, name, received, cid, trace)
     body = payload.raw if payload.raw is not None else orjson.dumps(payload.fields)
     return checked(
         OutgoingEvent(

@@ -20,15 +20,36 @@ that comes from input and reaches a property or a header goes through this modul
     for_log(value)            a value from input cut for a log line
 
 A value is always cut at a UTF-8 character boundary, never in the middle of a character.
+
+It is also the one place for the wire *vocabulary* the bridge and the client library
+(`bridge.client`) share, so that the two can never drift apart (docs/contract.md §3, §4):
+
+    COMPONENTS, Component       the dialplan components, in Simotel's spelling
+    EVENTS_EXCHANGE ...         the default exchange and stream names
+    sanitise, event_key,        the routing keys: `{source}.{Event}`,
+    component_key, command_key  `{source}.{Component}.{app_name}`, `{source}.{action with .}`
+    event_headers               the headers every event carries (source, event, received_at,
+                                call_id)
+    REPLY_TO, ERROR_TYPE        the reply queue and the type of a responder's failure reply
+
+    APP_ID, json_message        the properties fixed for every body published
+    TRACEPARENT, traceparent,   W3C trace context: a valid incoming `traceparent` is carried to
+    new_traceparent             everything it causes; a webhook without one gets a new one
+
+No I/O: the standard library, aio-pika's message type, pamqp (to measure a frame) and
+bridge.errors only.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Mapping
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Literal, get_args
 
+import aio_pika
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
@@ -115,12 +136,18 @@ def shortstr(value: str, suffix: str = "", *, limit: int = SHORTSTR_MAX, sep: st
     return f"{head}{sep}{_digest(value)}{suffix}"
 
 
+def sanitise(word: str) -> str:
+    """Restrict a name taken from a request to `[A-Za-z0-9_]` (anything else becomes `_`), so it
+    can never add a level or a wildcard to a routing key. Empty becomes `_`."""
+    return _UNSAFE.sub("_", word) or "_"
+
+
 def key_word(word: str, limit: int = KEY_WORD_MAX) -> str:
     """A routing-key word taken from input: restricted to `[A-Za-z0-9_]` (so it can never add
     a level or a wildcard; empty becomes `_`) and at most `limit` characters, a longer one
     ending with `_` and a hash of the whole. The bridge publishes with it and the responders
     bind with it, so both always agree."""
-    clean = _UNSAFE.sub("_", word) or "_"
+    clean = sanitise(word)
     if len(clean) <= limit:
         return clean
     return shortstr(clean, limit=limit, sep="_")
@@ -186,3 +213,150 @@ def check(routing_key: str, properties: Basic.Properties) -> None:
         raise WireError(f"the properties cannot be encoded: {type(exc).__name__}") from None
     if size > FRAME_BUDGET:
         raise WireError(f"the properties take {size} bytes, over the budget of {FRAME_BUDGET}")
+
+
+# --- the vocabulary ---------------------------------------------------------------------------
+
+Component = Literal["SmartApi", "ExtenApi", "TrunkApi", "IvrApi"]
+COMPONENTS: tuple[Component, ...] = get_args(Component)
+
+# The `app_id` of every message the bridge and the client library publish.
+APP_ID = "simotel-bridge"
+
+# The default names (`amqp.exchanges` in the configuration may change the exchanges').
+EVENTS_EXCHANGE = "simotel.events"
+COMPONENTS_EXCHANGE = "simotel.components"
+COMMANDS_EXCHANGE = "simotel.commands"
+RESULTS_EXCHANGE = "simotel.results"
+DEAD_EXCHANGE = "simotel.dead"
+HISTORY_STREAM = "simotel.history"
+
+# RabbitMQ's direct reply-to: where the bridge takes component answers.
+REPLY_TO = "amq.rabbitmq.reply-to"
+# The message type of a responder's reply that says "I failed": the fallback is taken at once.
+ERROR_TYPE = "error"
+
+# Header names every event carries (docs/contract.md §4).
+SOURCE = "source"
+EVENT = "event"
+RECEIVED_AT = "received_at"
+CALL_ID = "call_id"
+
+
+# The component request headers (docs/contract.md §4), beside the event headers above.
+COMPONENT = "component"
+APP_NAME = "app_name"
+DEADLINE = "deadline"
+
+# W3C trace context (https://www.w3.org/TR/trace-context/): the header, on every message.
+TRACEPARENT = "traceparent"
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+
+
+def traceparent(value: object) -> str | None:
+    """`value` if it is a valid version-00 `traceparent` (lower-case hex, a trace id and a
+    parent id that are not all zeros), else None: a malformed one is dropped, never carried."""
+    if not isinstance(value, str) or len(value) != 55:
+        return None
+    m = _TRACEPARENT.fullmatch(value)
+    if m is None or m.group(1) != "00":
+        return None
+    if m.group(2) == "0" * 32 or m.group(3) == "0" * 16:
+        return None
+    return value
+
+
+def new_traceparent() -> str:
+    """A new trace: random trace and parent ids, flag `sampled` (01), so that a consumer whose
+    sampler follows its parent records what the bridge started."""
+    ids = os.urandom(24).hex()  # one system call for both ids (the ingress hot path)
+    return f"00-{ids[:32]}-{ids[32:]}-01"
+
+
+def event_key(source: str, event: str) -> str:
+    """The routing key of an event: `{source}.{EventName}`."""
+    return f"{source}.{event}"
+
+
+def component_key(source: str, component: str, app_name: str | None) -> str:
+    """`app_name` becomes one routing-key word (`key_word`: sanitised, at most 128 characters, a
+    longer one cut and ended with a hash of the whole). The bridge publishes and the responders
+    bind with this same function, so they always agree."""
+    return f"{source}.{component}.{key_word(app_name or '')}"
+
+
+def command_key(source: str, action: str) -> str:
+    """The routing key of a command (and its result): `{source}.{action, / replaced by .}`."""
+    return f"{source}.{action.replace('/', '.')}"
+
+
+def received_at(when: float) -> str:
+    """A receive time (epoch seconds) as the `received_at` header writes it."""
+    return datetime.fromtimestamp(when, UTC).isoformat(timespec="microseconds")
+
+
+def event_headers(
+    source: str, event: str, received: float, call_id: str | None, trace: str | None = None
+) -> dict[str, Any]:
+    """The headers every event carries; `call_id` only when there is one, `traceparent` when
+    `trace` is given. Not yet bounded: callers add their own and pass the whole through
+    `bound_headers`."""
+    headers: dict[str, Any] = {SOURCE: source, EVENT: event, RECEIVED_AT: received_at(received)}
+    if call_id is not None:
+        headers[CALL_ID] = call_id
+    if trace is not None:
+        headers[TRACEPARENT] = trace
+    return headers
+
+
+def component_request_headers(
+    source: str,
+    component: str,
+    app_name: str,
+    deadline: datetime,
+    call_id: str | None,
+    trace: str | None = None,
+) -> dict[str, Any]:
+    """The headers of a component request (the responder reads them back), bounded."""
+    headers: dict[str, Any] = {
+        SOURCE: source,
+        COMPONENT: component,
+        APP_NAME: app_name,
+        DEADLINE: deadline.isoformat(timespec="milliseconds"),
+    }
+    if call_id:
+        headers[CALL_ID] = call_id
+    if trace is not None:
+        headers[TRACEPARENT] = trace
+    return bound_headers(headers)
+
+
+def json_message(
+    body: bytes,
+    *,
+    message_id: str,
+    type: str | None = None,
+    headers: dict[str, Any] | None = None,
+    timestamp: float | None = None,
+    correlation_id: str | None = None,
+    reply_to: str | None = None,
+    expiration_ms: int | None = None,
+    content_type: str = "application/json",
+    persistent: bool = True,
+) -> aio_pika.Message:
+    """A message with the properties the contract fixes for every body we publish."""
+    return aio_pika.Message(
+        body,
+        content_type=content_type,
+        delivery_mode=(
+            aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT
+        ),
+        message_id=message_id,
+        type=type,
+        app_id=APP_ID,
+        headers=headers or {},
+        timestamp=timestamp,
+        correlation_id=correlation_id,
+        reply_to=reply_to,
+        expiration=(expiration_ms / 1000) if expiration_ms is not None else None,
+    )

@@ -1,5 +1,5 @@
-"""The command worker (CONTRACT §3-4): consumes `simotel.commands`, calls Simotel, publishes the
-result, and only then acknowledges the command.
+"""The command worker (docs/contract.md §3, §4): consumes `simotel.commands`, calls Simotel,
+publishes the result, and only then acknowledges the command.
 
     delivery -> _handle -> _process (validate, de-duplicate, deadline, lane, execute)
              -> Settler.settle (bridge.settle: publish result + reply + dead letter, wait for

@@ -1,5 +1,5 @@
 """A late consumer catching up from the event history: reads the CDRs of a time window from the
-`simotel.history` stream with `bridge.history.history_window` (which needs only aio-pika and
+`simotel.history` stream with `bridge.client.history_window` (which needs only aio-pika and
 orjson) and prints a summary per disposition, de-duplicating on `message_id` as any consumer of
 the bridge should (a replayed or re-published event keeps its id).
 
@@ -15,7 +15,7 @@ from collections import Counter
 
 import orjson
 
-from bridge.history import history_window, parse_when
+from bridge.client import history_window, parse_when
 
 
 async def main(url: str, since: str, until: str | None, pattern: str) -> None:

@@ -2,11 +2,11 @@
 bridge, plus a summary line of what the bridge did, read from its own `/metrics`.
 
 It sends a user search, an agent pause (and resume) and an originate over RabbitMQ, the way any
-microservice would (`bridge.send.send_command`: a command message with `reply_to`), and prints
-one line per command; `simotel-bridge tail` shows the results as they come back, and the
-originated call's webhooks then flow like any other call's. Every `--summary-every` seconds it
-prints events/s, routed calls, command results, the spool's depth and the calls the reconciler
-recovered (counters restart with the bridge).
+microservice would (`bridge.client.send_command`: a command message with `reply_to`, given a
+broker URL and the names), and prints one line per command; `simotel-bridge tail` shows the
+results as they come back, and the originated call's webhooks then flow like any other call's.
+Every `--summary-every` seconds it prints events/s, routed calls, command results, the spool's
+depth and the calls the reconciler recovered (counters restart with the bridge).
 
     .venv/bin/python examples/demo_commands.py -c deploy/demo.yaml
 """
@@ -27,9 +27,9 @@ import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge import logs
+from bridge.client import send_command
 from bridge.config import LogSettings, Settings, load_settings
 from bridge.errors import BridgeError
-from bridge.send import send_command
 
 # (pause before, action, data): a search, an agent pause and resume, then a call placed by API.
 SCRIPT: tuple[tuple[float, str, dict[str, Any]], ...] = (
@@ -91,7 +91,14 @@ async def run_commands(settings: Settings, stop: asyncio.Event) -> None:
             return
         _say("send", f"{action} {orjson.dumps(data).decode()}")
         try:
-            result = await send_command(settings, action, data, timeout=15)
+            result = await send_command(
+                settings.amqp.endpoints()[0],
+                action,
+                data,
+                source=next(iter(settings.sources)),
+                exchange=settings.amqp.exchanges.commands,
+                timeout=15,
+            )
         except (BridgeError, TimeoutError) as exc:
             _say("send", f"{action}: no result ({type(exc).__name__}: {exc})")
         else:

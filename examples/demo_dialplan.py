@@ -25,8 +25,8 @@ from datetime import datetime
 import aio_pika
 import orjson
 
-from bridge.responder import (
-    Answer,
+from bridge.client import (
+    ComponentAnswer,
     ComponentRequest,
     ExtenApiAnswer,
     IvrApiAnswer,
@@ -34,16 +34,16 @@ from bridge.responder import (
     SmartApiAnswer,
     TrunkApiAnswer,
 )
-from bridge.smartapi import Exit, GetData, PlayAnnouncement
+from bridge.client.smartapi import Exit, GetData, PlayAnnouncement
 
 _agents = itertools.cycle(("101", "102", "103"))
-Handler = Callable[[ComponentRequest], Awaitable[Answer]]
+Handler = Callable[[ComponentRequest], Awaitable[ComponentAnswer]]
 
 
 def shown(handler: Handler) -> Handler:
     """The handler, printing each request it answers and the answer it gave."""
 
-    async def answer(req: ComponentRequest) -> Answer:
+    async def answer(req: ComponentRequest) -> ComponentAnswer:
         result = await handler(req)
         when = datetime.now().strftime("%H:%M:%S")
         head = "\x1b[34mroute \x1b[0m" if sys.stdout.isatty() else "route "
@@ -56,25 +56,25 @@ def shown(handler: Handler) -> Handler:
     return answer
 
 
-async def greet(req: ComponentRequest) -> Answer:
+async def greet(req: ComponentRequest) -> ComponentAnswer:
     return SmartApiAnswer([PlayAnnouncement("welcome"), GetData("main-menu", 5, 1), Exit("s2")])
 
 
-async def route(req: ComponentRequest) -> Answer:
+async def route(req: ComponentRequest) -> ComponentAnswer:
     case = {"1": "ivr", "2": "exten"}.get(req.data, "queue")
     return SmartApiAnswer([Exit(case)])
 
 
-async def pick_agent(req: ComponentRequest) -> Answer:
+async def pick_agent(req: ComponentRequest) -> ComponentAnswer:
     return ExtenApiAnswer(next(_agents))
 
 
-async def dial_out(req: ComponentRequest) -> Answer:
+async def dial_out(req: ComponentRequest) -> ComponentAnswer:
     """TrunkApi (the originate scenario): dial the number asked for, for at most 5 minutes."""
     return TrunkApiAnswer("SimotelTrunk", req.dst, 300)
 
 
-async def ivr(req: ComponentRequest) -> Answer:
+async def ivr(req: ComponentRequest) -> ComponentAnswer:
     return IvrApiAnswer("1" if req.data == "1" else "2")
 
 

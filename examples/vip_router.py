@@ -25,22 +25,35 @@ import signal
 
 import aio_pika
 
-from bridge.responder import Answer, ComponentRequest, ExtenApiAnswer, Responder, SmartApiAnswer
-from bridge.smartapi import ClearUserData, Exit, GetData, PlayAnnouncement, SayDigit, SetExten
+from bridge.client import (
+    ComponentAnswer,
+    ComponentRequest,
+    ExtenApiAnswer,
+    Responder,
+    SmartApiAnswer,
+)
+from bridge.client.smartapi import (
+    ClearUserData,
+    Exit,
+    GetData,
+    PlayAnnouncement,
+    SayDigit,
+    SetExten,
+)
 
 # A real service would ask its CRM; callers' numbers -> their account manager's extension.
 ACCOUNT_MANAGERS = {"09155441": "120", "09121234567": "121"}
 CUSTOMER_NUMBERS = {"4711": "120", "4712": "121"}
 
 
-async def vip_route(req: ComponentRequest) -> Answer:
+async def vip_route(req: ComponentRequest) -> ComponentAnswer:
     manager = ACCOUNT_MANAGERS.get(req.src)
     if manager is not None:
         return SmartApiAnswer([PlayAnnouncement("vip-welcome"), SetExten(manager), Exit("vip")])
     return SmartApiAnswer([GetData("enter-customer-number", 10, 4), Exit("ask")])
 
 
-async def vip_check(req: ComponentRequest) -> Answer:
+async def vip_check(req: ComponentRequest) -> ComponentAnswer:
     """`req.data` is whatever the caller typed. It goes back to Simotel only through typed
     commands: SayDigit accepts digits only, so anything else raises, and the bridge answers
     with the fallback at once. It can never become a command of its own."""
@@ -50,7 +63,7 @@ async def vip_check(req: ComponentRequest) -> Answer:
     return SmartApiAnswer([SayDigit(req.data), SetExten(manager), Exit("vip")])
 
 
-async def vip_exten(req: ComponentRequest) -> Answer:
+async def vip_exten(req: ComponentRequest) -> ComponentAnswer:
     return ExtenApiAnswer(ACCOUNT_MANAGERS.get(req.src, "100"))
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from bridge import cdr, topology
+from bridge import cdr, topology, wire
 from bridge.commands import STATUSES, Envelope, Result, needs_dead_letter, result_message
 from bridge.config import COMPONENTS, AmqpSettings, HistorySettings, SourceSettings
 from bridge.reconcile import recovered_event
@@ -135,9 +135,9 @@ def test_topology_names_and_types(doc: dict[str, Any]) -> None:
 
 def test_routing_key_parameters(doc: dict[str, Any]) -> None:
     channels = doc["channels"]
-    assert channels["events"]["address"] == topology.event_key("{source}", "{EventName}")
+    assert channels["events"]["address"] == wire.event_key("{source}", "{EventName}")
     assert channels["componentRequests"]["address"] == "{source}.{Component}.{app_name}"
-    assert channels["results"]["address"] == topology.command_key("{source}", "{action}")
+    assert channels["results"]["address"] == wire.command_key("{source}", "{action}")
     params = doc["components"]["parameters"]
     assert tuple(params["EventName"]["examples"]) == KNOWN_EVENTS
     assert tuple(params["Component"]["enum"]) == COMPONENTS

@@ -14,8 +14,8 @@ from bridge import cdr
 from bridge.reconcile import initial_cursor, plan_page, recovered_event
 from tests.helpers.env import FIXTURES
 
-# A CDR record as reports/cdr/ordered/id returns it (api-v4.md: the record fields seen in the
-# samples; Jalali `start`/`starttime`, Gregorian `answer`, `$date` endtime).
+# A CDR record as reports/cdr/ordered/id returns it (docs/simotel/api-v4.md: the record fields
+# seen in the samples; Jalali `start`/`starttime`, Gregorian `answer`, `$date` endtime).
 CDR_RECORD: dict[str, Any] = {
     "_id": "5fa2d7e02848da5a1f3c8e11",
     "type": "incoming",

@@ -29,7 +29,7 @@ def _run(flow: flows.Flow, answer: Any) -> tuple[list[tuple[str, dict[str, Any]]
     """Drive a flow with `answer(ask)` for each component request; (events, asks)."""
     events: list[tuple[str, dict[str, Any]]] = []
     asks: list[flows.Ask] = []
-    reply: flows.Answer = None
+    reply: flows.AskResult = None
     try:
         step = next(flow)
         while True:

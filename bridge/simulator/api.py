@@ -37,7 +37,7 @@ _DOWNLOAD_METHODS = ("POST", "PUT", "GET")
 _MAX_FIELDS = 1000  # form / query fields read at most
 
 
-class EventSink(Protocol):
+class ApiReactions(Protocol):
     """Where the PBX's reactions to API requests go (the call generator, in `run_simulator`)."""
 
     def emit(self, event: str, payload: Record) -> None: ...
@@ -82,7 +82,9 @@ def ip_allowed(options: SimulatorOptions, host: str | None) -> bool:
 
 
 class _Api:
-    def __init__(self, state: SimState, options: SimulatorOptions, sink: EventSink | None) -> None:
+    def __init__(
+        self, state: SimState, options: SimulatorOptions, sink: ApiReactions | None
+    ) -> None:
         self.state = state
         self.options = options
         self.sink = sink
@@ -242,7 +244,7 @@ def nest(pairs: list[tuple[str, str]]) -> dict[str, Any]:
 
 
 def create_api_app(
-    state: SimState, options: SimulatorOptions, sink: EventSink | None = None
+    state: SimState, options: SimulatorOptions, sink: ApiReactions | None = None
 ) -> Starlette:
     """The API v4 app. `sink` receives the webhooks API requests cause (ExtenAdded, Ping,
     OutgoingFax, ...) and originate requests; without one they are dropped."""

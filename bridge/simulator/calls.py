@@ -29,8 +29,8 @@ MAX_CALL_S = 300.0
 
 
 def _flat(payload: Mapping[str, Any]) -> dict[str, str]:
-    """Query/form values are strings; nested values travel as JSON text (webhooks.md leaves
-    their encoding open)."""
+    """Query/form values are strings; nested values travel as JSON text
+    (docs/simotel/webhooks.md leaves their encoding open)."""
     out: dict[str, str] = {}
     for key, value in payload.items():
         if value is None:
@@ -65,7 +65,7 @@ def _request(url: str, delivery: Delivery, payload: Mapping[str, Any]) -> httpx.
 
 
 class CallGenerator:
-    """Plays flows against the bridge. Also the API's `EventSink`."""
+    """Plays flows against the bridge. Also the API's `ApiReactions`."""
 
     def __init__(
         self,
@@ -127,7 +127,7 @@ class CallGenerator:
     async def play(self, flow: flows.Flow, call: flows.Call | None = None) -> None:
         """Run one flow to its end, pacing its steps by `time_scale`. With the flow's `call`,
         no webhook leaves before the clock reaches the times it carries."""
-        answer: flows.Answer = None
+        answer: flows.AskResult = None
         try:
             step = next(flow)
             while True:
@@ -180,7 +180,7 @@ class CallGenerator:
         except httpx.HTTPError as exc:
             log.warning("webhook not delivered", webhook_event=event, error=repr(exc))
 
-    async def ask(self, component: str, request: Mapping[str, str]) -> flows.Answer:
+    async def ask(self, component: str, request: Mapping[str, str]) -> flows.AskResult:
         """A component request; None when there is no usable answer within the timeout."""
         base = self.options.components_base
         if base is None:
@@ -223,11 +223,11 @@ class CallGenerator:
             log.error("simulated call failed", exc_info=task.exception())
 
     def emit(self, event: str, payload: Record) -> None:
-        """EventSink: an event an API request caused (sent in the background)."""
+        """ApiReactions: an event an API request caused (sent in the background)."""
         self._spawn(self.deliver(event, payload))
 
     def originate(self, request: OriginateRequest) -> None:
-        """EventSink: play an originate's webhooks after `originate_delay`."""
+        """ApiReactions: play an originate's webhooks after `originate_delay`."""
         self._spawn(self._originate(request))
 
     async def _originate(self, request: OriginateRequest) -> None:

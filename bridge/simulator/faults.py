@@ -9,13 +9,13 @@ from typing import Literal
 
 from bridge.simulator.options import Faults
 
-Outcome = Literal["normal", "error", "failure", "drop"]
+FaultOutcome = Literal["normal", "error", "failure", "drop"]
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
     delay: float  # seconds to wait before answering
-    outcome: Outcome
+    outcome: FaultOutcome
     status: int = 200  # the 5xx status when outcome == "error"
 
 

@@ -4,7 +4,7 @@ one), and decides what happens next from it, the way Simotel's dialplan would. N
 I/O or reads a clock: the caller gives the start time, the random generator and a snapshot of
 the PBX, and times in payloads are that start plus the simulated seconds that passed.
 
-Simulated dialplan for incoming calls (webhooks.md §5):
+Simulated dialplan for incoming calls (docs/simotel/webhooks.md §5):
     SmartApi `s1` -> `Exit('<case>')` picks the next node: `s<N>` another SmartApi (with the
     digits a `GetData` collected as `data`), `exten` ExtenApi, `ivr` IvrApi, `queue` or a queue
     number, an extension number, `voicemail`; any other case ends the call after an
@@ -40,8 +40,8 @@ class Ask:
 
 
 Step = Send | Ask
-Answer = Mapping[str, Any] | None
-Flow = Generator[Step, Answer, None]
+AskResult = Mapping[str, Any] | None
+Flow = Generator[Step, AskResult, None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +147,7 @@ _EXIT = re.compile(r"Exit\(\s*['\"‘’]?([^'\"‘’)]*)['\"‘’]?\s*\)")
 _GETDATA = re.compile(r"GetData\(([^)]*)\)")
 
 
-def parse_smartapi(answer: Answer) -> tuple[str | None, int | None]:
+def parse_smartapi(answer: AskResult) -> tuple[str | None, int | None]:
     """(the Exit case, the max digits of a GetData) of a SmartApi answer; case None when the
     answer is missing, not ok or has no Exit (Simotel then takes output `e`)."""
     if not answer or str(answer.get("ok")) != "1" or not isinstance(answer.get("commands"), str):
@@ -185,7 +185,7 @@ def next_node(case: str | None, pbx: Pbx) -> str | Route:
     return Route("end")
 
 
-def dialplan(c: Call, caller: str) -> Generator[Step, Answer, Route]:
+def dialplan(c: Call, caller: str) -> Generator[Step, AskResult, Route]:
     """Walk the components an incoming call meets; returns where the call goes."""
     if not c.components:
         return Route("queue", next(iter(c.pbx.queues), ""))

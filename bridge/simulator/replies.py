@@ -66,7 +66,7 @@ NOT_FOUND = Reply(
     content_type="text/html; charset=iso-8859-1",
 )
 
-# HTTP-level errors with Simotel's messages (API v4 doc §2.2).
+# HTTP-level errors with Simotel's messages (docs/simotel/api-v4.md §2.2).
 BAD_CONTENT = fail("Unable to parse content", 400)
 AUTH_MISSING = fail("BasicAuth or ApiKey is missing", 401)
 AUTH_INVALID = fail("BasicAuth or ApiKey is invalid", 401)

@@ -9,8 +9,8 @@ from collections.abc import Generator
 
 from bridge.simulator import media
 from bridge.simulator.flows import (
-    Answer,
     Ask,
+    AskResult,
     Call,
     Flow,
     Route,
@@ -28,7 +28,7 @@ def _connect(
     caller: str,
     agents: list[str],
     queue: str = "",
-) -> Generator[Step, Answer, tuple[str | None, float]]:
+) -> Generator[Step, AskResult, tuple[str | None, float]]:
     """Ring agents one after another until one answers: (agent or None, seconds waited)."""
     for i, agent in enumerate(agents[:3]):
         yield Send("NewState", new_state(c, agent, "Ringing", caller, "in", queue), c.wait(0.5))

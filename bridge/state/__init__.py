@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import orjson
 
-from bridge.errors import BridgeError
+from bridge.errors import StateError as StateError  # re-exported: defined in bridge.errors
 
 if TYPE_CHECKING:
     from bridge.config import WorkerSettings
@@ -49,10 +49,6 @@ MAX_CURSOR_BYTES = 4096
 MAX_BATCH = 10_000  # call ids in one mark_seen / seen call
 MIN_RESULT_BYTES = 4096  # the smallest allowed max_stored_result_bytes
 _MAX_ERROR_CHARS = 1000  # an error message kept in a cut result
-
-
-class StateError(BridgeError):
-    """The state store refused something: a key over its bound, or a schema it does not know."""
 
 
 @dataclass(frozen=True, slots=True)

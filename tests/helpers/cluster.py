@@ -1,6 +1,6 @@
 """A private 3-node RabbitMQ cluster on this machine, for tests that kill a node under load.
 
-Built on `tests/broker_node.py`'s `PrivateBroker`: each node has its own node name, AMQP and
+Built on `tests/helpers/broker_node.py`'s `PrivateBroker`: each node has its own node name, AMQP and
 distribution ports, data and log directories, under one temporary directory; the system broker
 (127.0.0.1:5672) is never touched. The three nodes share an Erlang cookie of their own (a
 private HOME holding `.erlang.cookie`, which rabbitmqctl reads too) and form the cluster with

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 
 from bridge.httpserver import serve
-from bridge.simulator.api import EventSink, create_api_app
+from bridge.simulator.api import ApiReactions, create_api_app
 from bridge.simulator.options import SimulatorOptions
 from bridge.simulator.state import SimState, seed
 from tests.helpers.env import FIXTURES
@@ -57,7 +57,7 @@ def postman_credentials() -> tuple[str, str, str]:
 async def api_client(
     options: SimulatorOptions | None = None,
     state: SimState | None = None,
-    sink: EventSink | None = None,
+    sink: ApiReactions | None = None,
     *,
     auth: bool = True,
 ) -> AsyncIterator[tuple[httpx.AsyncClient, SimState]]:
