@@ -3,8 +3,9 @@
 Runs the bridge as users run it (`python -m bridge.cli run -c FILE`: ingress, component RPC and
 command worker in one child process) against a private RabbitMQ node of its own
 (tests/helpers/broker_node.py; the system broker is never touched) and the built-in Simotel
-simulator's API v4 (served by this script), then for N minutes sends event webhooks over HTTP and commands
-over AMQP at moderate steady rates, restarts the broker once in the middle, and reports:
+simulator's API v4 (served by this script), then for N minutes sends event webhooks over HTTP
+and commands over AMQP at moderate steady rates, restarts the broker once in the middle, and
+reports:
 
   webhooks
     lost          webhooks answered 200 that are not on the queue afterwards (must be 0)
