@@ -4,6 +4,7 @@ read back as exact time windows (bridge.history) from the real broker."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import time
@@ -288,12 +289,14 @@ async def test_following_goes_on_live_after_the_history(history_settings: Settin
     got: list[AbstractIncomingMessage] = []
 
     async def follow() -> None:
-        async for message in history_window(
+        window = history_window(
             url, now - timedelta(minutes=10), pattern="*.Cdr", follow=True, caught_up=caught_up
-        ):
-            got.append(message)
-            if len(got) == len([s for s in old if s.routing_key.endswith("Cdr")]) + 1:
-                return
+        )
+        async with contextlib.aclosing(window):  # left early: closed here, not at loop end
+            async for message in window:
+                got.append(message)
+                if len(got) == len([s for s in old if s.routing_key.endswith("Cdr")]) + 1:
+                    return
 
     task = asyncio.create_task(follow())
     await asyncio.wait_for(caught_up.wait(), 30)

@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Awaitable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -199,6 +199,17 @@ class _Reader:
                 await queue.cancel(self.tag)
 
 
+# Closing what a reader opened must never hang its caller (a generator left early is closed at
+# the event loop's shutdown, where a broker that does not answer would stall the whole stop).
+_CLOSE_TIMEOUT = 5.0
+
+
+async def _bounded(closing: Awaitable[Any]) -> None:
+    with contextlib.suppress(TimeoutError, aio_pika.exceptions.AMQPError, OSError):
+        async with asyncio.timeout(_CLOSE_TIMEOUT):
+            await closing
+
+
 async def history_window(
     source: str | AbstractConnection | AbstractChannel,
     since: datetime,
@@ -210,7 +221,7 @@ async def history_window(
     prefetch: int = DEFAULT_PREFETCH,
     skew: timedelta = DEFAULT_SKEW,
     caught_up: asyncio.Event | None = None,
-) -> AsyncIterator[AbstractIncomingMessage]:
+) -> AsyncGenerator[AbstractIncomingMessage, None]:
     """The events received in `since <= t < until` whose routing key matches `pattern`, in the
     order they were published, each exactly as the bridge published it (body, `message_id`,
     headers; plus the broker's `x-stream-offset` header).
@@ -254,7 +265,7 @@ async def history_window(
                 if in_window(message.routing_key or "", event_time(message), since, until, pattern):
                     yield message
         finally:
-            await reader.close()
+            await _bounded(reader.close())
     finally:
         for resource in reversed(owned):
-            await resource.close()
+            await _bounded(resource.close())
