@@ -149,6 +149,10 @@ class LogSettings(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
     # auto: coloured console on a terminal, JSON lines otherwise.
     format: Literal["auto", "json", "console"] = "auto"
+    # The share of accepted event webhooks (200) that get an access log line: 0.01 is one in
+    # 100, each sampled line saying how many it stands for. Refusals and failures are always
+    # logged; the metrics count every answer. 1: every webhook, 0: none.
+    access_sample: float = Field(0.01, ge=0, le=1)
 
 
 class WebhookAuth(_Model):
