@@ -136,6 +136,9 @@ class HttpSettings(_Model):
     # SO_REUSEPORT: several ingress processes (each with its own spool.path) listen on one
     # port and the kernel spreads connections between them. Linux and the BSDs only.
     reuse_port: bool = False
+    # Ingress processes on `port` (bridge/supervisor.py): above 1, `ingress` and `run` start
+    # that many children with reuse_port, each on its own spool (spool-1.sqlite3, ...).
+    workers: int = Field(1, ge=1, le=64)
 
     @field_validator("trusted_proxies")
     @classmethod
