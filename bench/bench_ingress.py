@@ -116,16 +116,19 @@ async def raw_publish(url: str, seconds: float, in_flight: int) -> tuple[float, 
     return count / elapsed, q[49] * 1000, q[98] * 1000
 
 
-async def prepare(url: str) -> None:
-    """Declare the topology and a durable queue bound to every event, as a consumer would."""
+async def prepare(url: str, history: bool = True) -> None:
+    """Declare the topology (with the history stream unless `history` is off, as the bridge
+    does) and a durable queue bound to every event, as a consumer would: every run's publishes
+    are routed to the same queues."""
     from bridge.amqp import Broker
     from bridge.config import load_settings
 
     source = {"webhook": {"allow_unauthenticated": True}}
     settings = load_settings(
-        data={"amqp": {"url": url}, "sources": {"simotel": source}}, environ={}
-    )
-    broker = Broker(settings.amqp)
+        data={"amqp": {"url": url}, "sources": {"simotel": source},
+              "history": {"enabled": history}}, environ={}
+    )  # fmt: skip
+    broker = Broker(settings.amqp, history=settings.history)
     await broker.connect()
     ch = await broker.channel(confirms=False)
     q = await ch.declare_queue("bench.events", durable=True, arguments={"x-max-length": 200_000})
@@ -161,6 +164,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="raw, peer, bridge this many times")
     ap.add_argument("--workers", type=int, default=1, help="the bridge's http.workers")
     ap.add_argument("--no-bare", action="store_true", help="skip the bare Starlette run")
+    ap.add_argument("--no-history", action="store_true", help="no simotel.history stream")
     args = ap.parse_args()
     secs, conns = args.seconds, args.connections
     if not _peer_available():
@@ -178,7 +182,7 @@ def main() -> None:
     loads: list[float] = []
 
     with fresh_vhost() as url, tempfile.TemporaryDirectory() as tmp:
-        asyncio.run(prepare(url))
+        asyncio.run(prepare(url, history=not args.no_history))
         apps = Path(tmp)
         (apps / "bare_app.py").write_text(BARE_APP)
         (apps / "peer_app.py").write_text(PEER_APP)
@@ -220,6 +224,7 @@ def main() -> None:
                 "SIMOTEL_BRIDGE__SOURCES__SIMOTEL__WEBHOOK__USERNAME": "simotel",
                 "SIMOTEL_BRIDGE__SOURCES__SIMOTEL__WEBHOOK__PASSWORD": "bench-secret",
                 "SIMOTEL_BRIDGE__LOG__FORMAT": "json",
+                "SIMOTEL_BRIDGE__HISTORY__ENABLED": "false" if args.no_history else "true",
             }
             with process([PYTHON, "-m", "bridge.cli", "ingress"], env=env):
                 wait_http(f"http://127.0.0.1:{port}/healthz")
@@ -229,7 +234,8 @@ def main() -> None:
             asyncio.run(purge(url))
 
     print(f"## Ingress, {conns} connections, {secs}s each, Cdr payload ({len(CDR)} bytes), "
-          f"bridge http.workers={args.workers}\n")  # fmt: skip
+          f"bridge http.workers={args.workers}, history stream "
+          f"{'off' if args.no_history else 'on'}\n")  # fmt: skip
     print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}; load average (1 min) at each round's start: "
           f"{', '.join(f'{x:.1f}' for x in loads)}\n")  # fmt: skip
