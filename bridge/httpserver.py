@@ -38,6 +38,7 @@ from starlette.types import ASGIApp
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from bridge.config import HttpSettings
+from bridge.cork import CorkedTransport
 from bridge.errors import WebhookError
 
 log = structlog.get_logger("bridge.httpserver")
@@ -79,50 +80,6 @@ class Guard:
     refused: Callable[[str], None] = _nothing
 
 
-class _CorkedTransport:
-    """The connection's transport, with the writes made in one turn of the event loop sent as
-    one: uvicorn writes an answer's head and its body separately (two send() calls, each a
-    system call on the hot path); here they leave together at the end of the turn. `close()`
-    sends what is pending first, `abort()` drops it."""
-
-    __slots__ = ("_buffer", "_loop", "_transport")
-
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        self._transport = transport
-        self._loop = loop
-        self._buffer: list[bytes] = []
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not self._buffer:
-            self._loop.call_soon(self._flush)
-        self._buffer.append(bytes(data))
-
-    def writelines(self, lines: Any) -> None:
-        for line in lines:
-            self.write(line)
-
-    def _flush(self) -> None:
-        if self._buffer:
-            data = b"".join(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
-            self._buffer.clear()
-            if not self._transport.is_closing():
-                self._transport.write(data)
-
-    def get_write_buffer_size(self) -> int:
-        return self._transport.get_write_buffer_size() + sum(map(len, self._buffer))
-
-    def close(self) -> None:
-        self._flush()
-        self._transport.close()
-
-    def abort(self) -> None:
-        self._buffer.clear()
-        self._transport.abort()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-
 class _GuardedProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the limits of `guard` (set on a per-server subclass)."""
 
@@ -141,7 +98,8 @@ class _GuardedProtocol(HttpToolsProtocol):
     # Connection
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        corked = cast(asyncio.Transport, _CorkedTransport(transport, self.loop))
+        # An answer's head and body in one send() (bridge/cork.py).
+        corked = cast(asyncio.Transport, CorkedTransport(transport, self.loop))
         super().connection_made(corked)
         if len(self.connections) > self.guard.limits.max_connections:
             self._refuse(503, "too_many_connections", "too many connections", b"retry-after: 1\r\n")
