@@ -35,7 +35,6 @@ from yarl import URL
 
 from bridge import topology
 from bridge.config import AmqpSettings, HistorySettings, SourceSettings
-from bridge.cork import CorkedTCPTransportFactory
 from bridge.errors import ConfigError, PublishError
 
 log = structlog.get_logger("bridge.amqp")
@@ -99,11 +98,6 @@ class _BackoffConnection(aio_pika.RobustConnection):
     # included, goes to the next in turn, so a node that went away is not waited on.
     _urls: tuple[URL, ...] = ()
     _next = 0
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # One socket write per event-loop turn, not one per publish (bridge/cork.py).
-        self.kwargs["transport_factory"] = CorkedTCPTransportFactory()
 
     def use_urls(self, urls: tuple[URL, ...], start: int = 0) -> None:
         self._urls = urls

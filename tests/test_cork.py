@@ -1,15 +1,12 @@
 """bridge/cork.py: the writes of one event-loop turn leave together, in order; close() sends
-what is pending, abort() drops it. Over a real socket pair and a real broker connection."""
+what is pending, abort() drops it. Over a real socket pair."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 
-import aiormq
-import pytest
-
-from bridge.cork import CorkedTCPTransportFactory, CorkedTransport
+from bridge.cork import CorkedTransport
 
 
 class _Recorder(asyncio.Protocol):
@@ -72,17 +69,3 @@ async def test_abort_drops_what_is_pending() -> None:
         await reader.closed.wait()
     await asyncio.sleep(0)
     assert sent == [] and bytes(reader.data) == b""
-
-
-@pytest.mark.broker
-async def test_a_corked_broker_connection_confirms_every_publish(amqp_url: str) -> None:
-    conn = aiormq.Connection(amqp_url, transport_factory=CorkedTCPTransportFactory())
-    await conn.connect()
-    try:
-        channel = await conn.channel(publisher_confirms=True)
-        confirms = await asyncio.gather(
-            *(channel.basic_publish(b"x", routing_key="nowhere") for _ in range(200))
-        )
-        assert len(confirms) == 200
-    finally:
-        await conn.close()
