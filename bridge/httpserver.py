@@ -28,7 +28,7 @@ import urllib.parse
 from asyncio import TimerHandle
 from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import httptools
 import orjson
@@ -38,7 +38,6 @@ from starlette.types import ASGIApp
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from bridge.config import HttpSettings
-from bridge.cork import CorkedTransport
 from bridge.errors import WebhookError
 
 log = structlog.get_logger("bridge.httpserver")
@@ -98,9 +97,7 @@ class _GuardedProtocol(HttpToolsProtocol):
     # Connection
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        # An answer's head and body in one send() (bridge/cork.py).
-        corked = cast(asyncio.Transport, CorkedTransport(transport, self.loop))
-        super().connection_made(corked)
+        super().connection_made(transport)
         if len(self.connections) > self.guard.limits.max_connections:
             self._refuse(503, "too_many_connections", "too many connections", b"retry-after: 1\r\n")
             return
