@@ -12,6 +12,7 @@ The vocabulary, shared with the client library (pure, no I/O):
 Webhooks -> the events exchange:
     translate            webhook -> publish: payload parsing, event names, headers (pure)
     ingress              the Starlette app Simotel talks to: webhooks and component requests
+    eventroute           the event webhooks' lean path, a plain ASGI handler in front of Starlette
     httpserver           uvicorn inside the running loop, on a socket bound before it starts
     sink                 makes an accepted event durable before the 200: broker or spool
     spool                the local SQLite spool of events the broker could not take yet
@@ -44,6 +45,7 @@ The process:
     topology             exchanges, queues and bindings as data, and their declaration
     amqp                 the broker connection and the confirmed publisher
     runtime              the roles in one process, ordered start and shutdown
+    supervisor           `http.workers: N`: N ingress processes on one port, each its own spool
     signals              SIGINT/SIGTERM: graceful stop first, exit at once on the second
     metrics              Prometheus metrics
     logs                 structlog, configured once

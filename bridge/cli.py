@@ -45,6 +45,8 @@ def _run_roles(args: argparse.Namespace, roles: frozenset[str]) -> int:
 
     settings = _settings(args)
     _configure_logs(settings)
+    if settings.http.workers > 1 and "ingress" in roles:
+        return _supervise(args, settings, "run" if "worker" in roles else "ingress")
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -52,6 +54,14 @@ def _run_roles(args: argparse.Namespace, roles: frozenset[str]) -> int:
         await serve(settings, roles, stop)
 
     _run(main())
+    return 0
+
+
+def _supervise(args: argparse.Namespace, settings: Settings, command: str) -> int:
+    """`http.workers` above 1: N ingress processes on one port (bridge/supervisor.py)."""
+    from bridge.supervisor import supervise
+
+    _run(supervise(settings, command, args.config or default_config_path()))
     return 0
 
 

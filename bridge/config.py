@@ -136,6 +136,9 @@ class HttpSettings(_Model):
     # SO_REUSEPORT: several ingress processes (each with its own spool.path) listen on one
     # port and the kernel spreads connections between them. Linux and the BSDs only.
     reuse_port: bool = False
+    # Ingress processes on `port` (bridge/supervisor.py): above 1, `ingress` and `run` start
+    # that many children with reuse_port, each on its own spool (spool-1.sqlite3, ...).
+    workers: int = Field(1, ge=1, le=64)
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -149,6 +152,10 @@ class LogSettings(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
     # auto: coloured console on a terminal, JSON lines otherwise.
     format: Literal["auto", "json", "console"] = "auto"
+    # The share of accepted event webhooks (200) that get an access log line: 0.01 is one in
+    # 100, each sampled line saying how many it stands for. Refusals and failures are always
+    # logged; the metrics count every answer. 1: every webhook, 0: none.
+    access_sample: float = Field(0.01, ge=0, le=1)
 
 
 class WebhookAuth(_Model):

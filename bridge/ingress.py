@@ -1,5 +1,5 @@
-"""The HTTP surface Simotel talks to (CONTRACT §2): event webhooks in G and Rest mode, dialplan
-components, and the health, readiness and metrics endpoints.
+"""The HTTP surface Simotel talks to (docs/contract.md §2): event webhooks in G and Rest mode,
+dialplan components, and the health, readiness and metrics endpoints.
 
 The app is thin: it checks the caller (source, address, credentials, size), reads the payload
 with `translate`, and hands the result to its collaborators: a sink that makes an event durable
@@ -13,7 +13,7 @@ import hmac
 import ipaddress
 import re
 import time
-from base64 import b64decode
+from base64 import b64decode, b64encode
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -25,11 +25,14 @@ from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from bridge import httpserver, translate, wire
 from bridge.config import Settings, SourceSettings
-from bridge.errors import PublishError, WebhookError
-from bridge.metrics import Metrics, event_label
+from bridge.errors import WebhookError
+from bridge.eventroute import EventRoute, IngressApp
+from bridge.logs import Sampler
+from bridge.metrics import Metrics
 from bridge.translate import OutgoingEvent
 
 log = structlog.get_logger("bridge.ingress")
@@ -71,29 +74,42 @@ class _Gate:
     user_digest: bytes | None
     pass_digest: bytes | None
     networks: tuple[IpNetwork, ...]
+    # The digest of the canonical header (`Basic base64(user:password)`), what Simotel sends:
+    # one hash and one comparison on the hot path. Any other spelling takes the full check.
+    header_digest: bytes | None = None
 
     @classmethod
     def of(cls, source: SourceSettings) -> _Gate:
         hook = source.webhook
-        user = pw = None
+        user = pw = header = None
         if hook.username and hook.password is not None:
+            secret = hook.password.get_secret_value().encode()
             user = _digest(hook.username.encode())
-            pw = _digest(hook.password.get_secret_value().encode())
+            pw = _digest(secret)
+            header = _digest(b"Basic " + b64encode(hook.username.encode() + b":" + secret))
         nets = tuple(ipaddress.ip_network(c, strict=False) for c in hook.allowed_ips)
-        return cls(user, pw, nets)
+        return cls(user, pw, nets, header)
 
     def address_allowed(self, address: str | None) -> bool:
         if not self.networks:
             return True
         return address is not None and _in(address, self.networks)
 
-    def credentials_ok(self, authorization: str | None) -> bool:
+    def credentials_ok(self, authorization: str | bytes | None) -> bool:
         """HTTP Basic, compared in constant time: both digests are always compared, and the
         comparison time does not depend on where the strings differ."""
         if self.user_digest is None or self.pass_digest is None:
             return True
+        if isinstance(authorization, str):
+            authorization = authorization.encode("latin-1", "replace")
+        if (
+            authorization
+            and self.header_digest is not None
+            and hmac.compare_digest(_digest(authorization), self.header_digest)
+        ):
+            return True
         user, pw = b"", b""
-        if authorization and authorization[:6].lower() == "basic ":
+        if authorization and authorization[:6].lower() == b"basic ":
             try:
                 decoded = b64decode(authorization[6:].strip(), validate=True)
             except ValueError:
@@ -108,6 +124,13 @@ def client_address(request: Request, proxies: tuple[IpNetwork, ...]) -> str | No
     """The socket peer, unless it is a trusted proxy: then the nearest address in
     X-Forwarded-For that is not itself a trusted proxy."""
     peer = request.client.host if request.client else None
+    return peer_address(peer, request.headers.getlist("x-forwarded-for"), proxies)
+
+
+def peer_address(
+    peer: str | None, forwarded_lines: list[str], proxies: tuple[IpNetwork, ...]
+) -> str | None:
+    """`client_address` over plain values: the socket peer and the X-Forwarded-For lines."""
     if peer is not None and (ip := _ip(peer)) is not None:
         peer = str(ip)
     if peer is None or not proxies:
@@ -115,7 +138,7 @@ def client_address(request: Request, proxies: tuple[IpNetwork, ...]) -> str | No
     if not _in(peer, proxies):
         return peer
     # Every X-Forwarded-For line, in order: a proxy may add its own line after the client's.
-    forwarded = ",".join(request.headers.getlist("x-forwarded-for"))
+    forwarded = ",".join(forwarded_lines)
     if not forwarded:
         return peer
     for hop in reversed([h.strip() for h in forwarded.split(",") if h.strip()]):
@@ -214,12 +237,13 @@ def create_app(
     broker_ready: Callable[[], bool] = lambda: True,
     webhooks: bool = True,
     lifespan: Any = None,
-) -> Starlette:
-    """The ingress app. It owns no connection: the caller's lifespan does."""
+) -> IngressApp:
+    """The ingress app. It owns no connection: the caller's lifespan does. The event webhooks
+    are served by `EventRoute` in front of Starlette, which serves everything else."""
     gates = {name: _Gate.of(src) for name, src in settings.sources.items()}
     proxies = tuple(ipaddress.ip_network(c, strict=False) for c in settings.http.trusted_proxies)
     limit = settings.http.max_body_bytes
-    exchange = settings.amqp.exchanges.events
+    sampler = Sampler(settings.log.access_sample)
 
     async def admit(request: Request) -> tuple[str, translate.Payload]:
         """Source, address, credentials, size, payload: in that order; raises WebhookError."""
@@ -244,49 +268,20 @@ def create_app(
         )
         return _json(exc.status, {"error": exc.reason, "detail": exc.detail}, headers)
 
-    async def event_webhook(request: Request) -> Response:
-        started = time.perf_counter()
-        fields: dict[str, Any] = {
-            "source": request.path_params["source"],
-            "path_event": wire.for_log(request.path_params.get("event")),
-        }
-        outcome, status = "error", 500
-        try:
-            source, payload = await admit(request)
-            name = translate.event_name(payload.fields, request.path_params.get("event"))
-            event = translate.build_event(
-                exchange, source, name, payload, traceparent=request.headers.get("traceparent")
-            )
-            fields.update(
-                event_name=name,
-                message_id=event.message_id,
-                call_id=event.call_id,
-                form=payload.form,
-            )
-            try:
-                outcome = await sink.accept(event)
-            except PublishError as exc:
-                metrics.rejected.labels("unavailable").inc()
-                outcome, status = "unavailable", 503
-                fields["error"] = str(exc)
-                return _json(503, {"error": "unavailable", "detail": "the event cannot be stored"})
-            metrics.accepted.labels(source, event_label(name), outcome).inc()
-            status = 200
-            return _json(200, {"status": "accepted", "message_id": event.message_id})
-        except WebhookError as exc:
-            outcome, status = exc.reason, exc.status
-            return refuse(exc)
-        finally:
-            elapsed = time.perf_counter() - started
-            if status == 200:
-                metrics.request_latency.observe(elapsed)
-            log.info(
-                "webhook",
-                outcome=outcome,
-                status=status,
-                duration_ms=round(elapsed * 1000, 2),
-                **fields,
-            )
+    events = EventRoute(
+        settings,
+        sink=sink,
+        metrics=metrics,
+        gates=gates,
+        address=lambda peer, forwarded: peer_address(peer, forwarded, proxies),
+        sampler=sampler,
+    )
+
+    async def event_webhook(scope: Scope, receive: Receive, send: Send) -> None:
+        """The event routes through Starlette: only for what the front door does not take
+        (Starlette answers a wrong method 405 before this runs)."""
+        params = scope["path_params"]
+        await events(scope, receive, send, params["source"], params.get("event"))
 
     async def component_webhook(request: Request) -> Response:
         started = time.perf_counter()
@@ -348,4 +343,5 @@ def create_app(
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    router = Starlette(routes=routes, lifespan=lifespan)
+    return IngressApp(router, events if webhooks else None)

@@ -81,3 +81,21 @@ def configure(settings: LogSettings, *, stream: Any = None) -> None:
     # aio-pika is chatty about reconnects at INFO; its warnings still come through.
     for noisy in ("aiormq", "aio_pika", "httpx", "httpcore", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+class Sampler:
+    """Which accepted webhooks get an access log line: one in round(1 / rate), the first one
+    included. `take()` returns 0 (no line) or the number of answers the line stands for."""
+
+    def __init__(self, rate: float) -> None:
+        self.every = 0 if rate <= 0 else max(1, round(1 / rate))
+        self._left = 0
+
+    def take(self) -> int:
+        if self.every == 0:
+            return 0
+        if self._left:
+            self._left -= 1
+            return 0
+        self._left = self.every - 1
+        return self.every

@@ -50,7 +50,8 @@ class Metrics:
         )
         self.request_latency = Histogram(
             "simotel_bridge_webhook_seconds",
-            "Time to answer an event webhook",
+            "Time to answer an event webhook, by the answer's status (or `other`)",
+            ["status"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )

@@ -88,17 +88,11 @@ def unresolved(path: Path) -> list[str]:
     return bad
 
 
-# bridge/ingress.py is being rewritten on another branch, which owns its docstring; its one
-# outside reference goes when that lands. Listed exactly, so the exemption cannot outlive it.
-PENDING = {"bridge/ingress.py: 'CONTRACT' points outside the repository"}
-
-
 def test_every_reference_in_the_code_resolves_inside_the_repository() -> None:
     files = _scanned_files()
     assert len(files) > 50
     bad = {line for path in files for line in unresolved(path)}
-    assert bad - PENDING == set()
-    assert bad >= PENDING, "fixed at last: remove it from PENDING"
+    assert bad == set()
 
 
 def test_the_reference_check_catches_what_it_should(tmp_path: Path) -> None:
