@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import orjson
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from bridge import topology
 from bridge.amqp import connect_first
@@ -139,17 +139,7 @@ async def tail(
         # Acked once printed, with a bounded window: a slow terminal leaves the backlog in the
         # broker, where the queue's length bound drops the oldest, instead of in this process.
         await channel.set_qos(prefetch_count=_WINDOW)
-        # Only the exchanges tail binds to (and the events' alternate exchange) are declared,
-        # with the same arguments as every role uses.
-        for e in topology.build(settings.amqp).exchanges:
-            if e.name in (*wanted, names.unrouted):
-                await channel.declare_exchange(e.name, e.type, durable=True, arguments=e.arguments)
-        queue = await channel.declare_queue(
-            "",
-            exclusive=True,
-            auto_delete=True,
-            arguments={"x-max-length": _MAX_BACKLOG, "x-overflow": "drop-head"},
-        )
+        queue = await _own_queue(channel, settings)
         for exchange in wanted:
             await queue.bind(exchange, routing_key=pattern)
 
@@ -170,13 +160,7 @@ async def tail(
                     getter.cancel()
                     break
                 exchange, message = getter.result()
-                line = (
-                    render_text(exchange, message, colour)
-                    if is_tty
-                    else render_json(exchange, message)
-                )
-                out.write(line + "\n")
-                out.flush()
+                _print(out, exchange, message, is_tty, colour)
                 await message.ack()
                 printed += 1
         finally:
@@ -220,15 +204,7 @@ async def tail_since(
     async with connection:
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=_WINDOW)
-        for e in topology.build(settings.amqp).exchanges:
-            if e.name in (names.results, names.unrouted, names.events):
-                await channel.declare_exchange(e.name, e.type, durable=True, arguments=e.arguments)
-        queue = await channel.declare_queue(
-            "",
-            exclusive=True,
-            auto_delete=True,
-            arguments={"x-max-length": _MAX_BACKLOG, "x-overflow": "drop-head"},
-        )
+        queue = await _own_queue(channel, settings)
         await queue.bind(names.results, routing_key=pattern)
 
         async def on_result(message: AbstractIncomingMessage) -> None:
@@ -270,13 +246,7 @@ async def tail_since(
                         ready.set()
                     continue
                 exchange, message = item
-                line = (
-                    render_text(exchange, message, colour)
-                    if is_tty
-                    else render_json(exchange, message)
-                )
-                out.write(line + "\n")
-                out.flush()
+                _print(out, exchange, message, is_tty, colour)
                 if exchange == names.results:
                     await message.ack()
                 printed += 1
@@ -286,6 +256,31 @@ async def tail_since(
                     pending.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
     return printed
+
+
+async def _own_queue(channel: AbstractChannel, settings: Settings) -> AbstractQueue:
+    """Tail's own queue: server-named, exclusive, auto-delete, length-bounded. Only the
+    exchanges tail binds to (and the events' alternate exchange) are declared, with the same
+    arguments as every role uses."""
+    names = settings.amqp.exchanges
+    for e in topology.build(settings.amqp).exchanges:
+        if e.name in (names.events, names.results, names.unrouted):
+            await channel.declare_exchange(e.name, e.type, durable=True, arguments=e.arguments)
+    return await channel.declare_queue(
+        "",
+        exclusive=True,
+        auto_delete=True,
+        arguments={"x-max-length": _MAX_BACKLOG, "x-overflow": "drop-head"},
+    )
+
+
+def _print(
+    out: TextIO, exchange: str, message: AbstractIncomingMessage, is_tty: bool, colour: bool
+) -> None:
+    """One line: readable on a terminal, a JSON object otherwise."""
+    line = render_text(exchange, message, colour) if is_tty else render_json(exchange, message)
+    out.write(line + "\n")
+    out.flush()
 
 
 def _live_separator(colour: bool) -> str:
