@@ -5,12 +5,10 @@ answers Starlette gave before (405, 404 off the routes) unchanged."""
 from __future__ import annotations
 
 import base64
-import io
 import logging
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
-import orjson
 import pytest
 import structlog
 
@@ -21,6 +19,7 @@ from bridge.ingress import create_app
 from bridge.logs import Sampler
 from bridge.metrics import Metrics
 from bridge.translate import OutgoingEvent
+from tests.helpers.logstream import LogStream
 
 AUTH = ("simotel", "pw-1")
 CDR = {"event_name": "Cdr", "unique_id": "1.5"}
@@ -43,27 +42,9 @@ class _Sink:
         return {"mode": "broker"}
 
 
-class _Stream(io.StringIO):
-    def __init__(self) -> None:
-        super().__init__()
-        self.raw_bytes = io.BytesIO()
-
-    @property
-    def buffer(self) -> io.BytesIO:
-        return self.raw_bytes
-
-    def isatty(self) -> bool:
-        return False
-
-    def hooks(self) -> list[dict[str, object]]:
-        raw = self.raw_bytes.getvalue().decode() + self.getvalue()
-        lines = [orjson.loads(line) for line in raw.splitlines() if line.strip()]
-        return [line for line in lines if line.get("event") == "webhook"]
-
-
 @pytest.fixture
-def stream() -> Iterator[_Stream]:
-    out = _Stream()
+def stream() -> Iterator[LogStream]:
+    out = LogStream()
     logs.configure(LogSettings(level="info", format="json"), stream=out)
     try:
         yield out
@@ -116,7 +97,7 @@ def test_sampler_takes_one_in_n_starting_with_the_first() -> None:
 
 
 async def test_accepted_sampled_refusals_always_logged_every_answer_timed(
-    app: _App, stream: _Stream
+    app: _App, stream: LogStream
 ) -> None:
     for _ in range(25):
         ok = await app.client.post("/webhooks/simotel/events", json=CDR, auth=AUTH)
@@ -146,7 +127,7 @@ async def test_accepted_sampled_refusals_always_logged_every_answer_timed(
     assert (app.answered("401"), app.answered("404"), app.answered("400")) == (1, 1, 1)
 
 
-async def test_unavailable_and_defects_are_timed_and_logged(app: _App, stream: _Stream) -> None:
+async def test_unavailable_and_defects_are_timed_and_logged(app: _App, stream: LogStream) -> None:
     app.sink.fail = PublishError("broker and spool both down")
     down = await app.client.post("/webhooks/simotel/events", json=CDR, auth=AUTH)
     assert down.status_code == 503 and down.json()["error"] == "unavailable"
@@ -157,12 +138,10 @@ async def test_unavailable_and_defects_are_timed_and_logged(app: _App, stream: _
     hooks = stream.hooks()
     assert [(h["status"], h["level"]) for h in hooks] == [(503, "warning"), (500, "warning")]
     assert "broker and spool both down" in str(hooks[0]["error"])
-    assert any(
-        "webhook failed" in line for line in stream.raw_bytes.getvalue().decode().splitlines()
-    )
+    assert any("webhook failed" in line for line in stream.text().splitlines())
 
 
-async def test_sample_zero_logs_no_accepted_event_but_every_refusal(stream: _Stream) -> None:
+async def test_sample_zero_logs_no_accepted_event_but_every_refusal(stream: LogStream) -> None:
     made = _App(0.0)
     async with made.client:
         for _ in range(5):

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import io
 import logging
 from pathlib import Path
 
 import httpx
-import orjson
 import structlog
 
 from bridge import logs
@@ -15,6 +13,7 @@ from bridge.config import LogSettings, Settings
 from bridge.ingress import create_app
 from bridge.metrics import Metrics
 from bridge.translate import OutgoingEvent
+from tests.helpers.logstream import LogStream
 
 
 class _Sink:
@@ -23,25 +22,6 @@ class _Sink:
 
     def status(self) -> dict[str, str]:
         return {"mode": "broker"}
-
-
-class _Stream(io.StringIO):
-    """A text stream with a bytes buffer underneath, like sys.stderr when piped."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.bytes = io.BytesIO()
-
-    @property
-    def buffer(self) -> io.BytesIO:
-        return self.bytes
-
-    def isatty(self) -> bool:
-        return False
-
-    def lines(self) -> list[dict[str, object]]:
-        raw = self.bytes.getvalue().decode() + self.getvalue()
-        return [orjson.loads(line) for line in raw.splitlines() if line.strip()]
 
 
 def test_redaction_of_secret_keys_and_url_credentials() -> None:
@@ -60,7 +40,7 @@ def test_redaction_of_secret_keys_and_url_credentials() -> None:
 
 
 async def test_one_json_line_per_webhook_without_secrets(tmp_path: Path) -> None:
-    stream = _Stream()
+    stream = LogStream()
     logs.configure(LogSettings(level="info", format="json"), stream=stream)
     try:
         settings = Settings.model_validate(
@@ -95,7 +75,7 @@ async def test_one_json_line_per_webhook_without_secrets(tmp_path: Path) -> None
         assert first["outcome"] == "broker"
         assert isinstance(first["duration_ms"], float)
         assert hooks[1]["outcome"] == "unauthorized"
-        everything = stream.bytes.getvalue().decode() + stream.getvalue()
+        everything = stream.text()
         assert "third.party" in everything
         for secret in ("pw-1", "pw-2", "amqp-secret"):
             assert secret not in everything
