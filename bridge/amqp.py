@@ -298,6 +298,18 @@ class Broker:
         """Return once the first connection (and topology declaration) has succeeded."""
         await self._up.wait()
 
+    async def connected_unless(self, stop: asyncio.Event) -> bool:
+        """Wait for the first connection or for `stop`, whichever comes first; True when
+        connected (a role that needs the broker starts then, or not at all)."""
+        connected = asyncio.ensure_future(self.wait_connected())
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait([connected, stopping], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            connected.cancel()
+            stopping.cancel()
+        return not stop.is_set()
+
     async def _connect_once(self, declare: bool) -> None:
         """Try each configured URL in turn until one answers (each attempt bounded by
         `amqp.connect_timeout`); raise `PublishError` when none does."""

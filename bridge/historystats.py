@@ -84,13 +84,7 @@ async def watch(
 ) -> None:
     """Refresh the metrics every `interval` seconds until `stop`; a failed refresh is logged
     and tried again next time. Never raises (but is cancellable)."""
-    connected = asyncio.ensure_future(broker.wait_connected())
-    stopping = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait([connected, stopping], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        connected.cancel()
-        stopping.cancel()
+    await broker.connected_unless(stop)
     while not stop.is_set():
         if broker.ready:
             try:

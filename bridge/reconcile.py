@@ -45,19 +45,12 @@ from bridge.errors import LockLost as LockLost  # re-exported: defined in bridge
 from bridge.errors import PublishError
 from bridge.errors import ReconcileError as ReconcileError
 from bridge.metrics import ReconcileMetrics
+from bridge.state import ReconcileStore
 from bridge.translate import MAX_CALL_ID, OutgoingEvent, Payload, build_event
 
 log = structlog.get_logger("bridge.reconcile")
 
 DRAIN_BATCH = 500  # seen messages stored (and acknowledged) together
-
-
-class ReconcileStore(Protocol):
-    async def get_cursor(self, source: str, feed: str) -> str | None: ...
-    async def set_cursor(self, source: str, feed: str, cursor: str) -> None: ...
-    async def mark_seen(self, source: str, call_ids: Sequence[str], at: float) -> None: ...
-    async def seen(self, source: str, call_ids: Sequence[str]) -> set[str]: ...
-    async def purge_seen(self, before: float) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -526,12 +519,7 @@ async def run_reconcilers(
     registry: Any,
 ) -> None:
     """The reconcilers of `sources` until `stop` (a role of `runtime.serve`)."""
-    connected = asyncio.ensure_future(broker.wait_connected())
-    stopping = asyncio.ensure_future(stop.wait())
-    await asyncio.wait([connected, stopping], return_when=asyncio.FIRST_COMPLETED)
-    connected.cancel()
-    stopping.cancel()
-    if stop.is_set():
+    if not await broker.connected_unless(stop):
         return
     metrics = ReconcileMetrics(registry)
     async with _reconcilers(settings, sources, publisher, metrics) as reconcilers:

@@ -136,12 +136,7 @@ async def _run_worker(
 ) -> None:
     from bridge.worker import WorkerMetrics, run_worker
 
-    connected = asyncio.ensure_future(broker.wait_connected())
-    stopping = asyncio.ensure_future(stop.wait())
-    await asyncio.wait([connected, stopping], return_when=asyncio.FIRST_COMPLETED)
-    connected.cancel()
-    stopping.cancel()
-    if stop.is_set():
+    if not await broker.connected_unless(stop):
         return
     await run_worker(settings, stop, broker=broker, metrics=WorkerMetrics(metrics.registry))
 
