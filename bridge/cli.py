@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
 from bridge import __version__
 from bridge.config import Settings, default_config_path, load_settings
 from bridge.errors import BridgeError, ConfigError
+
+T = TypeVar("T")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -65,13 +68,13 @@ def _supervise(args: argparse.Namespace, settings: Settings, command: str) -> in
     return 0
 
 
-def _run(coro: object) -> None:
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run `coro` on uvloop (a declared dependency) and return what it returns."""
     try:
         import uvloop
-
-        uvloop.run(coro)  # type: ignore[arg-type]
-    except ImportError:  # pragma: no cover - uvloop is a dependency via uvicorn[standard]
-        asyncio.run(coro)  # type: ignore[arg-type]
+    except ImportError:  # pragma: no cover - uvloop is declared; a platform without it
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -115,14 +118,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         sys.stdout.write(result.to_json().decode() + "\n")
         return 0 if result.status == "ok" else 1
 
-    code = 0
-
-    async def run() -> None:
-        nonlocal code
-        code = await main()
-
-    _run(run())
-    return code
+    return _run(main())
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
@@ -204,14 +200,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(summary.line(), file=sys.stderr)
         return 130 if summary.interrupted else 0
 
-    code = 0
-
-    async def run() -> None:
-        nonlocal code
-        code = await main()
-
-    _run(run())
-    return code
+    return _run(main())
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
